@@ -1,0 +1,109 @@
+"""Writing blocks straight to the target disk (or file) at their offsets."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Optional
+
+from mcastdeploy.drivers.digest import OrderedDigest
+
+
+class TargetError(OSError):
+    """The target cannot take the image (missing, too small, not writable)."""
+
+
+def device_size(fd: int) -> int:
+    """Size of a regular file or block device behind ``fd``."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def check_target(path: str, image_size: Optional[int] = None) -> None:
+    """Fail early, before joining, on a target that cannot possibly work; writes nothing."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise TargetError(f"target directory {parent} does not exist") from None
+        if not os.access(parent, os.W_OK):
+            raise TargetError(f"cannot create target {path}: permission denied") from None
+        return
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        raise TargetError(f"target {path} is neither a regular file nor a block device")
+    if not os.access(path, os.W_OK):
+        raise TargetError(f"target {path} is not writable")
+    if image_size is not None:
+        _check_size(path, info, image_size)
+
+
+def _check_size(path: str, info: os.stat_result, image_size: int) -> None:
+    if stat.S_ISBLK(info.st_mode):
+        with open(path, "rb") as handle:
+            size = device_size(handle.fileno())
+    else:
+        size = info.st_size
+        if size == 0:
+            return  # an empty file (e.g. from mktemp) is grown to the image
+    if size < image_size:
+        raise TargetError(f"target {path} is {size} bytes, smaller than the image "
+                          f"({image_size} bytes)")
+
+
+class Target:
+    """An open target: ``write`` places blocks, ``finish`` syncs and returns the SHA-256.
+
+    A regular file that does not exist (or is empty) is created at the image's size; an
+    existing larger file or block device keeps its size and its bytes past the image.  The
+    digest covers exactly what was written, read back from the target for blocks that
+    arrived out of order, and ``finish`` syncs before it answers, so nothing is reported as
+    written that is not on the disk.
+    """
+
+    def __init__(self, path: str, image_size: int) -> None:
+        self.path = path
+        self.image_size = image_size
+        existed = os.path.exists(path)
+        check_target(path, image_size)
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags if existed else flags | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise TargetError(f"cannot open target {path}: {error.strerror}") from None
+        info = os.fstat(self._fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size < image_size:
+            os.ftruncate(self._fd, image_size)
+        self._digest = OrderedDigest(image_size, self._read)
+        self.bytes_written = 0
+
+    def _read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise TargetError(f"short read back from {self.path} at {offset}")
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        if offset < 0 or offset + len(data) > self.image_size:
+            raise ValueError("write outside the image")
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        self.bytes_written += done
+        self._digest.update_at(offset, view)
+
+    def finish(self) -> bytes:
+        """Sync everything to the target and return the SHA-256 of the image on it."""
+        os.fsync(self._fd)
+        return self._digest.digest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,383 @@
+"""The receiver's protocol state machine: no sockets, no clock, no files.
+
+It collects symbols per block, hands each block over (``BlockDecoded``) the moment it is
+decodable, and keeps only incomplete blocks in memory.  What is missing it asks for with
+NACKs after a random back-off (``repair.NackScheduler``).  The driver writes blocks out,
+computes the image's SHA-256, and reports it with :meth:`Receiver.image_verified`; only
+then does the receiver tell the sender it is done.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from mcastdeploy import wire
+from mcastdeploy.fec import codec_for
+from mcastdeploy.protocol import events
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.repair import NackScheduler, NackTiming
+
+Address = tuple
+
+
+@dataclass
+class ReceiverConfig:
+    session_id: int
+    #: SHA-256 the operator pinned in the session spec; the sender's must match it.
+    expected_checksum: Optional[bytes] = None
+    #: Give up when nothing has come from the sender for this long.
+    timeout: float = 30.0
+    status_interval: float = 1.0
+    #: Copies of DONE sent (spaced by ``done_spacing``) before finishing.
+    done_copies: int = 3
+    done_spacing: float = 0.02
+
+
+class ReceiverPhase(enum.Enum):
+    JOINING = "joining"
+    RECEIVING = "receiving"
+    VERIFYING = "verifying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_WIRE_STATE = {
+    ReceiverPhase.JOINING: wire.ReceiverState.JOINING,
+    ReceiverPhase.RECEIVING: wire.ReceiverState.RECEIVING,
+    ReceiverPhase.VERIFYING: wire.ReceiverState.VERIFYING,
+    ReceiverPhase.DONE: wire.ReceiverState.DONE,
+    ReceiverPhase.FAILED: wire.ReceiverState.FAILED,
+}
+
+
+@dataclass
+class ReceiverStats:
+    packets_received: int = 0
+    data_packets: int = 0
+    repair_packets: int = 0
+    duplicate_packets: int = 0
+    early_packets: int = 0
+    invalid_packets: int = 0
+    foreign_packets: int = 0
+    nacks_sent: int = 0
+    symbols_requested: int = 0
+    blocks_recovered: int = 0  # blocks that needed the FEC decoder (a source symbol was lost)
+
+
+class _PartialBlock:
+    """Symbols of one incomplete block: received source rows in place, repair rows aside."""
+
+    __slots__ = ("rows", "present", "have", "repair")
+
+    def __init__(self, k: int, symbol_size: int) -> None:
+        self.rows = np.zeros((k, symbol_size), dtype=np.uint8)
+        self.present = np.zeros(k, dtype=bool)
+        self.have = 0
+        self.repair: dict[int, bytes] = {}
+
+
+class Receiver:
+    def __init__(self, config: ReceiverConfig, *, origin: int,
+                 rng: Optional[random.Random] = None) -> None:
+        self.config = config
+        self.origin = origin
+        self.phase = ReceiverPhase.JOINING
+        self.stats = ReceiverStats()
+        self.geometry: Optional[ImageGeometry] = None
+        self.sender_id: Optional[int] = None
+        self.sender_address: Optional[Address] = None
+        self.checksum: Optional[bytes] = None  # the sender's, once announced
+        self.blocks_done = 0
+        self.failure: Optional[str] = None
+
+        self._rng = rng or random.Random()
+        self._events: deque[events.Event] = deque()
+        self._outbox: list[tuple[bytes, Address]] = []
+        self._partial: dict[int, _PartialBlock] = {}
+        self._done: bytearray = bytearray()
+        self._nacks = NackScheduler(self._rng)
+        self._timing: Optional[NackTiming] = None
+        self._proactive = 0
+        self._frontier = 0  # blocks below this were fully sent in the data pass
+        self._last_heard = 0.0
+        self._next_status: Optional[float] = None
+        self._verified: Optional[bytes] = None
+        self._done_remaining = 0
+        self._next_done = 0.0
+        self._pass_first: Optional[int] = None
+        self._pass_last = -1
+        self._pass_received = 0
+
+    # -- sans-IO interface ----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._last_heard = now
+
+    @property
+    def packets_lost(self) -> int:
+        """Pass packets the sender sent while we listened that never arrived (an estimate)."""
+        if self._pass_first is None:
+            return 0
+        return max(0, self._pass_last - self._pass_first + 1 - self._pass_received)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
+            return
+        try:
+            packet = wire.parse(data)
+        except wire.WireError:
+            self.stats.invalid_packets += 1
+            return
+        header = packet.header
+        if header.session_id != self.config.session_id:
+            self.stats.foreign_packets += 1
+            return
+        body = packet.body
+        self.stats.packets_received += 1
+        if isinstance(body, wire.Announce):
+            self._on_announce(header, body, addr, now)
+        elif header.origin != self.sender_id:
+            # DATA before ANNOUNCE (we cannot place it yet), or a sender we do not follow.
+            if isinstance(body, wire.Data):
+                self.stats.early_packets += 1
+            elif self.sender_id is not None:
+                self.stats.foreign_packets += 1
+        elif isinstance(body, wire.Data):
+            self._last_heard = now
+            self._on_data(header, body, now)
+        elif isinstance(body, wire.End):
+            self._last_heard = now
+            if self.phase is ReceiverPhase.RECEIVING:
+                self._fail("the sender ended the session before this receiver had every block")
+        else:
+            self.stats.foreign_packets += 1  # NACK/STATUS/DONE: receivers' traffic, not ours
+
+    def image_verified(self, checksum: bytes, now: float) -> None:
+        """The driver's SHA-256 of the complete image as written to the target."""
+        if self.phase is not ReceiverPhase.VERIFYING:
+            raise RuntimeError("image_verified before every block was decoded")
+        self._verified = checksum
+        self._check_verified(now)
+
+    def handle_timer(self, now: float) -> None:
+        if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
+            if self._done_remaining and now >= self._next_done:
+                self._send_done(now)
+            return
+        if now - self._last_heard >= self.config.timeout:
+            what = "no ANNOUNCE" if self.geometry is None else "nothing"
+            self._fail(f"{what} from the sender for {self.config.timeout:g} s")
+            return
+        if self._next_status is not None and now >= self._next_status:
+            self._send_status()
+            self._next_status = now + self.config.status_interval
+        if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
+            self._nacks.nack_at = None
+            self._send_nack(now)
+        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
+            self._nacks.arm(now, self._timing)
+
+    def get_timer(self) -> Optional[float]:
+        if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
+            return self._next_done if self._done_remaining else None
+        deadlines = [self._last_heard + self.config.timeout]
+        if self._next_status is not None:
+            deadlines.append(self._next_status)
+        if self._nacks.nack_at is not None:
+            deadlines.append(self._nacks.nack_at)
+        return min(deadlines)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> Optional[events.Event]:
+        return self._events.popleft() if self._events else None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _encode(self, body: wire.packets.Body) -> bytes:
+        return wire.encode(self.config.session_id, self.origin, body)
+
+    def _send(self, body: wire.packets.Body) -> None:
+        if self.sender_address is not None:
+            self._outbox.append((self._encode(body), self.sender_address))
+
+    def _send_status(self) -> None:
+        geometry = self.geometry
+        self._send(wire.Status(
+            state=_WIRE_STATE[self.phase],
+            blocks_done=self.blocks_done,
+            block_count=geometry.block_count if geometry else 0,
+            packets_received=self.stats.packets_received,
+            packets_lost=self.packets_lost,
+            nacks_sent=self.stats.nacks_sent,
+        ))
+
+    def _send_done(self, now: float) -> None:
+        assert self._verified is not None
+        self._send(wire.Done(self._verified))
+        self._done_remaining -= 1
+        self._next_done = now + self.config.done_spacing
+        if not self._done_remaining:
+            self._events.append(events.TransferComplete(self._verified))
+
+    def _fail(self, reason: str) -> None:
+        self.phase = ReceiverPhase.FAILED
+        self.failure = reason
+        self._partial.clear()
+        self._send_status()
+        self._events.append(events.TransferFailed(reason))
+
+    def _on_announce(self, header: wire.Header, announce: wire.Announce, addr: Address,
+                     now: float) -> None:
+        geometry = ImageGeometry(announce.image_size, announce.symbol_size,
+                                 announce.block_symbols)
+        if self.geometry is None:
+            self.geometry = geometry
+            self._done = bytearray(geometry.block_count)
+            self.sender_id = header.origin
+            self.phase = ReceiverPhase.RECEIVING
+            self._next_status = now  # tell the sender at once that we are here
+            self._events.append(events.SessionJoined(geometry, header.origin))
+        elif geometry != self.geometry:
+            self.stats.foreign_packets += 1  # another image under our session id: ignore it
+            return
+        elif header.origin != self.sender_id:
+            # Same image from a new sender instance (restarted): follow it, keep our blocks.
+            self.sender_id = header.origin
+        self._last_heard = now
+        host = addr[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
+        self.sender_address = (host, announce.sender_port or addr[1])
+        self._proactive = announce.proactive_repair
+        self._timing = NackTiming(
+            grtt=announce.grtt_us / 1e6,
+            group_size=announce.group_size,
+            rate_bps=float(announce.rate_bps),
+            packet_bytes=wire.HEADER_SIZE + 8 + announce.symbol_size,
+        )
+        if wire.Flags.CHECKSUM_KNOWN in header.flags:
+            if self.checksum is None:
+                self.checksum = announce.checksum
+            elif self.checksum != announce.checksum:
+                self._fail("the sender announced a different image checksum")
+                return
+            expected = self.config.expected_checksum
+            if expected is not None and expected != announce.checksum:
+                self._fail("the sender's image checksum differs from the session spec's")
+                return
+        self._advance_frontier(announce.next_block, now)
+        if self.phase is ReceiverPhase.VERIFYING:
+            self._check_verified(now)
+
+    def _advance_frontier(self, frontier: int, now: float) -> None:
+        """Blocks below ``frontier`` were fully sent in the pass: what is missing is owed."""
+        if frontier <= self._frontier:
+            return
+        for block in range(self._frontier, frontier):
+            if not self._done[block]:
+                self._nacks.add(block, now)
+        self._frontier = frontier
+        if self._timing is not None:
+            self._nacks.arm(now, self._timing)
+
+    def _on_data(self, header: wire.Header, data: wire.Data, now: float) -> None:
+        geometry = self.geometry
+        assert geometry is not None
+        block, symbol = data.block, data.symbol
+        if block >= geometry.block_count or len(data.payload) != geometry.symbol_size:
+            self.stats.invalid_packets += 1
+            return
+        self.stats.data_packets += 1
+        if wire.Flags.REPAIR in header.flags:
+            self.stats.repair_packets += 1
+        else:
+            self._note_pass_packet(block, symbol)
+            self._advance_frontier(block, now)
+        if self._done[block]:
+            self.stats.duplicate_packets += 1
+            return
+        k = geometry.symbols_in(block)
+        partial = self._partial.get(block)
+        if partial is None:
+            partial = self._partial[block] = _PartialBlock(k, geometry.symbol_size)
+        if symbol < k:
+            if partial.present[symbol]:
+                self.stats.duplicate_packets += 1
+                return
+            partial.rows[symbol] = np.frombuffer(data.payload, dtype=np.uint8)
+            partial.present[symbol] = True
+        else:
+            if symbol in partial.repair:
+                self.stats.duplicate_packets += 1
+                return
+            partial.repair[symbol] = bytes(data.payload)
+        partial.have += 1
+        if partial.have >= k:
+            self._complete_block(block, partial, now)
+
+    def _note_pass_packet(self, block: int, symbol: int) -> None:
+        assert self.geometry is not None
+        position = block * (self.geometry.block_symbols + self._proactive) + symbol
+        if self._pass_first is None:
+            self._pass_first = position
+        self._pass_last = max(self._pass_last, position)
+        self._pass_received += 1
+
+    def _complete_block(self, block: int, partial: _PartialBlock, now: float) -> None:
+        geometry = self.geometry
+        assert geometry is not None
+        del self._partial[block]
+        k = partial.rows.shape[0]
+        if not partial.present.all():
+            codec_for(k).recover_into(partial.rows, partial.present, partial.repair)
+            self.stats.blocks_recovered += 1
+        self._done[block] = 1
+        self.blocks_done += 1
+        self._nacks.discard(block)
+        view = memoryview(partial.rows.reshape(-1))[:geometry.block_length(block)]
+        self._events.append(events.BlockDecoded(block, geometry.offset(block), view))
+        if self.blocks_done == geometry.block_count:
+            self.phase = ReceiverPhase.VERIFYING
+            self._nacks.nack_at = None
+            self._next_status = now
+            self._events.append(events.AllBlocksDecoded())
+
+    def _send_nack(self, now: float) -> None:
+        geometry, timing = self.geometry, self._timing
+        if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING:
+            return
+        blocks = self._nacks.take_due(now, wire.MAX_NACK_ENTRIES)
+        if not blocks:
+            return
+        needs = []
+        for block in blocks:
+            partial = self._partial.get(block)
+            k = geometry.symbols_in(block)
+            needs.append((block, k - (partial.have if partial else 0)))
+        owed = sum(need for _, need in needs)
+        wait = timing.retry_after(owed)
+        for block in blocks:
+            self._nacks.asked(block, now, wait)
+        self._nacks.quiet_until = now + timing.drain(owed)
+        self._send(wire.Nack(tuple(needs)))
+        self.stats.nacks_sent += 1
+        self.stats.symbols_requested += owed
+        self._nacks.arm(now, timing)
+
+    def _check_verified(self, now: float) -> None:
+        if self._verified is None or self.checksum is None:
+            return  # the sender's checksum may only be known at the end of its pass
+        if self._verified != self.checksum:
+            self._fail("the image written does not match the sender's SHA-256")
+            return
+        self.phase = ReceiverPhase.DONE
+        self._send_status()
+        self._done_remaining = self.config.done_copies
+        self._send_done(now)

@@ -1,0 +1,180 @@
+"""Repair policy: which repair symbols the sender owes, and when a receiver should ask.
+
+Kept apart from the state machines so that the rules (NORM-style reactive parity, NACK
+back-off and retry) can be tuned or swapped without touching packet handling.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from mcastdeploy.wire import MAX_SYMBOL_ID
+
+_ID_SPACE = MAX_SYMBOL_ID + 1
+#: Upper bound of a receiver's wait between two NACKs for one block.
+MAX_RETRY_WAIT = 2.0
+
+
+class RepairQueue:
+    """The sender's debt of repair symbols, per block, in the order they were first asked for.
+
+    A NACK for a block already queued raises the debt to the larger need instead of adding
+    to it: one multicast round of ``max(need)`` fresh symbols serves every receiver that
+    lost up to that many (NORM's reactive parity).  Just after a round goes out, NACKs that
+    ask no more than it carried were sent before it arrived; they are ignored for
+    ``holdoff`` seconds.
+    """
+
+    def __init__(self, holdoff: float) -> None:
+        self.holdoff = holdoff
+        self._owed: OrderedDict[int, int] = OrderedDict()
+        self._last_round: dict[int, tuple[float, int]] = {}
+        self._next_id: dict[int, int] = {}
+        self.suppressed = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._owed)
+
+    def __len__(self) -> int:
+        return len(self._owed)
+
+    def owed_symbols(self) -> int:
+        return sum(self._owed.values())
+
+    def request(self, block: int, need: int, now: float) -> bool:
+        """Record that a receiver needs ``need`` more symbols of ``block``; False if covered."""
+        owed = self._owed.get(block)
+        if owed is not None:
+            if need > owed:
+                self._owed[block] = need
+            return True
+        last = self._last_round.get(block)
+        if last is not None and now - last[0] < self.holdoff and need <= last[1]:
+            self.suppressed += 1
+            return False
+        self._owed[block] = need
+        return True
+
+    def head(self) -> int | None:
+        return next(iter(self._owed), None)
+
+    def take(self, block: int, count: int, now: float) -> int:
+        """Take up to ``count`` owed symbols of ``block`` for sending; returns how many."""
+        owed = self._owed[block]
+        taken = min(owed, count)
+        if taken == owed:
+            del self._owed[block]
+        else:
+            self._owed[block] = owed - taken
+        started, sent = self._last_round.get(block, (now, 0))
+        # A round that continues across batches keeps counting; a new round starts afresh.
+        self._last_round[block] = (now, sent + taken if now - started < self.holdoff else taken)
+        return taken
+
+    def fresh_ids(self, block: int, count: int, first_fresh: int) -> list[int]:
+        """Symbol ids not yet sent for ``block``, beginning at ``first_fresh`` (k + proactive).
+
+        Ids run through the repair space k..254 first; a block that exhausts it (extreme
+        loss) cycles through source and repair ids again, since any k distinct ids decode.
+        """
+        position = self._next_id.get(block, first_fresh)
+        self._next_id[block] = position + count
+        return [p if p < _ID_SPACE else (p - _ID_SPACE) % _ID_SPACE
+                for p in range(position, position + count)]
+
+
+@dataclass
+class NackTiming:
+    """Receiver NACK timing, derived from what the sender announces."""
+
+    grtt: float  # group round-trip estimate, seconds
+    group_size: int
+    rate_bps: float
+    packet_bytes: int
+
+    def backoff_max(self) -> float:
+        """Random delay spread before a NACK, so that one receiver's NACK can come first.
+
+        Grows with the group so that in large groups most receivers hear that repair is on
+        its way before their own timer fires (suppression comes in a later protocol step;
+        the spread is already scaled for it).
+        """
+        spread = 1.0 if self.group_size <= 1 else min(4.0, 1.0 + self.group_size.bit_length() / 4)
+        return max(0.002, self.grtt * spread)
+
+    def drain(self, symbols: int) -> float:
+        """Seconds the sender needs to send ``symbols`` at its announced rate."""
+        return symbols * self.packet_bytes * 8 / max(self.rate_bps, 1.0)
+
+    def retry_after(self, owed_symbols: int) -> float:
+        """How long to wait for asked-for repair before asking again: two round trips plus
+        twice the time the sender needs to send what was asked."""
+        return 2 * self.grtt + 2 * self.drain(owed_symbols) + 0.005
+
+
+class NackScheduler:
+    """The receiver's list of blocks it may ask repair for, each with the time it may ask.
+
+    A heap keyed by the time a block is next due keeps each step O(log n) even when a late
+    joiner is missing a million blocks.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._heap: list[tuple[float, int]] = []
+        self._due: dict[int, float] = {}
+        self._attempts: dict[int, int] = {}
+        self.nack_at: float | None = None
+        #: No new NACK before this: the sender is still busy with what was last asked, and
+        #: asking faster than it can answer only queues duplicate rounds.
+        self.quiet_until = 0.0
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, block: int, now: float) -> None:
+        if block not in self._due:
+            self._due[block] = now
+            heapq.heappush(self._heap, (now, block))
+
+    def discard(self, block: int) -> None:
+        self._due.pop(block, None)
+        self._attempts.pop(block, None)
+
+    def earliest_due(self) -> float | None:
+        while self._heap:
+            due, block = self._heap[0]
+            if self._due.get(block) == due:
+                return due
+            heapq.heappop(self._heap)  # stale entry: block done or rescheduled
+        return None
+
+    def arm(self, now: float, timing: NackTiming) -> None:
+        """Start the random back-off if something is due and no NACK is pending."""
+        if self.nack_at is None:
+            due = self.earliest_due()
+            if due is not None:
+                start = max(now, due, self.quiet_until)
+                self.nack_at = start + self._rng.uniform(0, timing.backoff_max())
+
+    def take_due(self, now: float, limit: int) -> list[int]:
+        """Pop up to ``limit`` blocks whose time has come, earliest first."""
+        blocks: list[int] = []
+        while len(blocks) < limit:
+            due = self.earliest_due()
+            if due is None or due > now:
+                break
+            _, block = heapq.heappop(self._heap)
+            blocks.append(block)
+        return blocks
+
+    def asked(self, block: int, now: float, wait: float) -> None:
+        """``block`` went out in a NACK; it is due again after ``wait`` unless it completes."""
+        attempt = self._attempts.get(block, 0)
+        self._attempts[block] = attempt + 1
+        due = now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT)
+        self._due[block] = due
+        heapq.heappush(self._heap, (due, block))

@@ -1,0 +1,413 @@
+"""The sender's protocol state machine: no sockets, no clock, no files.
+
+The driver feeds it datagrams and the time, asks it what to send and when to wake it, and
+supplies image blocks it asks for (``blocks_wanted`` / ``supply_block``).  Because block data
+comes in through that door, the same object serves a local file, a pipelined Swift download
+and an in-memory simulator alike, and never holds more than a small window of the image.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from mcastdeploy import wire
+from mcastdeploy.fec import codec_for
+from mcastdeploy.protocol import events
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.pacing import TokenBucket
+from mcastdeploy.protocol.repair import RepairQueue
+
+Address = tuple
+
+
+@dataclass
+class SenderConfig:
+    session_id: int
+    group: Address  # (group address, port) where multicast goes
+    rate_bps: float
+    symbol_size: int = 1400
+    block_symbols: int = 32
+    #: Repair symbols sent with every block in the data pass, before anyone asks.
+    proactive_repair: int = 1
+    announce_interval: float = 0.5
+    #: Start the pass once this many receivers are known ...
+    min_receivers: int = 0
+    #: ... or this many seconds after start, whichever comes first (None: no limit).
+    wait: Optional[float] = None
+    #: After the pass, finish when nobody has asked for anything for this long.
+    linger: float = 5.0
+    grtt: float = 0.01
+    #: Unicast address receivers send NACK/STATUS to; "0.0.0.0" means the datagrams' source.
+    reply_host: str = "0.0.0.0"
+    reply_port: int = 0
+    #: Most datagrams returned by one ``datagrams_to_send`` call.
+    max_batch: int = 64
+    #: Share of the rate repair may take while the data pass still runs, so that one
+    #: receiver that lost a lot cannot stall everyone's first pass.
+    repair_share: float = 0.5
+    #: Image blocks kept in memory for repair and lookahead.
+    block_cache: int = 64
+
+    def __post_init__(self) -> None:
+        if self.rate_bps <= 0:
+            raise ValueError("rate must be positive")
+        if not 0 <= self.proactive_repair <= wire.MAX_SYMBOL_ID + 1 - self.block_symbols:
+            raise ValueError("proactive repair does not fit in the symbol id space")
+        if not 0 < self.repair_share < 1:
+            raise ValueError("repair share must be between 0 and 1")
+
+
+class SenderState(enum.Enum):
+    WAITING = "waiting"  # gathering receivers
+    SENDING = "sending"  # the data pass
+    REPAIRING = "repairing"  # pass complete, answering NACKs
+    FINISHED = "finished"
+
+
+@dataclass
+class ReceiverRecord:
+    address: Address
+    first_seen: float
+    last_seen: float
+    state: wire.ReceiverState = wire.ReceiverState.JOINING
+    blocks_done: int = 0
+    packets_lost: int = 0
+    packets_received: int = 0
+    done: bool = False
+
+
+@dataclass
+class SenderStats:
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    source_packets: int = 0
+    proactive_packets: int = 0
+    repair_packets: int = 0
+    announce_packets: int = 0
+    nacks_received: int = 0
+    nack_entries: int = 0
+    repairs_requested: int = 0
+    nack_entries_suppressed: int = 0
+    invalid_packets: int = 0
+    foreign_packets: int = 0
+
+
+_END_COPIES = 3
+
+
+class Sender:
+    def __init__(self, config: SenderConfig, image_size: int, *, origin: int,
+                 checksum: Optional[bytes] = None) -> None:
+        self.config = config
+        self.origin = origin
+        self.geometry = ImageGeometry(image_size, config.symbol_size, config.block_symbols)
+        self.checksum = checksum
+        self.state = SenderState.WAITING
+        self.stats = SenderStats()
+        self.receivers: dict[int, ReceiverRecord] = {}
+
+        self._packet_bytes = wire.HEADER_SIZE + 8 + config.symbol_size
+        self._bucket: Optional[TokenBucket] = None
+        self._started_at = 0.0
+        self._next_announce = 0.0
+        self._last_request = 0.0
+        self._events: deque[events.Event] = deque()
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._repair = RepairQueue(holdoff=self._holdoff())
+        self._ready_repair: deque[tuple[int, int, bytes]] = deque()
+        self._repair_credit = 0.0
+        self._pass_block = 0
+        self._pass_symbol = 0
+        self._end_remaining = 0
+        self._finished_at = 0.0
+        self._proactive_rows: dict[int, np.ndarray] = {}
+
+    # -- the image ----------------------------------------------------------------------
+
+    def blocks_wanted(self) -> list[int]:
+        """Blocks the sender needs in memory to send what comes next (at most a few)."""
+        wanted: list[int] = []
+        if self.state is SenderState.FINISHED:
+            return wanted
+        if self.state in (SenderState.WAITING, SenderState.SENDING):
+            for block in (self._pass_block, self._pass_block + 1):
+                if block < self.geometry.block_count and block not in self._cache:
+                    wanted.append(block)
+        head = self._repair.head()
+        if head is not None and head not in self._cache and head not in wanted:
+            wanted.append(head)
+        return wanted
+
+    def supply_block(self, block: int, data: bytes | memoryview) -> None:
+        """Hand over the bytes of ``block`` (exactly its length; the last block is short)."""
+        if not 0 <= block < self.geometry.block_count:
+            raise ValueError(f"block {block} is outside the image")
+        length = self.geometry.block_length(block)
+        if len(data) != length:
+            raise ValueError(f"block {block} must be {length} bytes, got {len(data)}")
+        k = self.geometry.symbols_in(block)
+        array = np.zeros((k, self.config.symbol_size), dtype=np.uint8)
+        array.reshape(-1)[:length] = np.frombuffer(data, dtype=np.uint8)
+        self._cache[block] = array
+        self._cache.move_to_end(block)
+        while len(self._cache) > self.config.block_cache:
+            self._cache.popitem(last=False)
+
+    def set_checksum(self, checksum: bytes) -> None:
+        """The image's SHA-256, when it becomes known (it may be computed during the pass)."""
+        self.checksum = checksum
+
+    # -- sans-IO interface ----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._started_at = now
+        self._next_announce = now
+        self._last_request = now
+        self._bucket = TokenBucket(self.config.rate_bps,
+                                   self._packet_bytes * min(self.config.max_batch, 16), now)
+        self._maybe_begin(now)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        try:
+            packet = wire.parse(data)
+        except wire.WireError:
+            self.stats.invalid_packets += 1
+            return
+        header = packet.header
+        if header.session_id != self.config.session_id:
+            self.stats.foreign_packets += 1
+            return
+        body = packet.body
+        if isinstance(body, (wire.Announce, wire.Data, wire.End)):
+            # Our own multicast looped back, or another sender on our group: not for us.
+            if header.origin != self.origin:
+                self.stats.foreign_packets += 1
+            return
+        record = self._record(header.origin, addr, now)
+        if isinstance(body, wire.Nack):
+            self._on_nack(body, now)
+        elif isinstance(body, wire.Status):
+            record.state = body.state
+            record.blocks_done = body.blocks_done
+            record.packets_lost = body.packets_lost
+            record.packets_received = body.packets_received
+        elif isinstance(body, wire.Done):
+            if not record.done:
+                record.done = True
+                record.state = wire.ReceiverState.DONE
+                record.blocks_done = self.geometry.block_count
+                self._events.append(events.ReceiverDone(
+                    header.origin, self.checksum is None or body.checksum == self.checksum))
+        self._maybe_begin(now)
+        self._maybe_finish(now)
+
+    def handle_timer(self, now: float) -> None:
+        self._maybe_begin(now)
+        self._maybe_finish(now)
+
+    def get_timer(self) -> Optional[float]:
+        if self.state is SenderState.FINISHED:
+            return self._finished_at if self._end_remaining else None
+        deadlines = [self._next_announce]
+        if self.state is SenderState.WAITING and self.config.wait is not None:
+            deadlines.append(self._started_at + self.config.wait)
+        if self.state is SenderState.REPAIRING:
+            deadlines.append(self._last_request + self.config.linger)
+        if self._has_data_to_send() and self._bucket is not None:
+            deadlines.append(self._bucket.ready_at(self._packet_bytes))
+        return min(deadlines)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out: list[tuple[bytes, Address]] = []
+        group = self.config.group
+        if self.state is SenderState.FINISHED:
+            while self._end_remaining:
+                self._end_remaining -= 1
+                out.append((self._encode(wire.End()), group))
+            self._count(out)
+            return out
+        if now >= self._next_announce:
+            out.append((self._announce(), group))
+            self.stats.announce_packets += 1
+            self._next_announce = now + self.config.announce_interval
+        if self.state is not SenderState.WAITING:
+            assert self._bucket is not None
+            while len(out) < self.config.max_batch:
+                if not self._has_data_to_send():
+                    break
+                if not self._bucket.try_consume(self._packet_bytes, now):
+                    break
+                datagram = self._next_data(now)
+                if datagram is None:
+                    break
+                out.append((datagram, group))
+        self._count(out)
+        return out
+
+    def next_event(self) -> Optional[events.Event]:
+        return self._events.popleft() if self._events else None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _holdoff(self) -> float:
+        return max(2 * self.config.grtt, 0.005)
+
+    def _count(self, out: list[tuple[bytes, Address]]) -> None:
+        self.stats.packets_sent += len(out)
+        self.stats.bytes_sent += sum(len(datagram) for datagram, _ in out)
+
+    def _record(self, origin: int, addr: Address, now: float) -> ReceiverRecord:
+        record = self.receivers.get(origin)
+        if record is None:
+            record = self.receivers[origin] = ReceiverRecord(addr, now, now)
+            self._events.append(events.ReceiverJoined(origin, addr))
+        record.address = addr
+        record.last_seen = now
+        return record
+
+    def _encode(self, body: wire.packets.Body, flags: wire.Flags = wire.Flags.NONE) -> bytes:
+        return wire.encode(self.config.session_id, self.origin, body, flags)
+
+    def _announce(self) -> bytes:
+        flags = wire.Flags.NONE
+        if self.checksum is not None:
+            flags |= wire.Flags.CHECKSUM_KNOWN
+        if self.state is SenderState.WAITING:
+            flags |= wire.Flags.WAITING
+        if self._pass_block >= self.geometry.block_count:
+            flags |= wire.Flags.PASS_COMPLETE
+        return self._encode(wire.Announce(
+            image_size=self.geometry.image_size,
+            symbol_size=self.geometry.symbol_size,
+            block_symbols=self.geometry.block_symbols,
+            block_count=self.geometry.block_count,
+            next_block=self._pass_block,
+            rate_bps=int(self.config.rate_bps),
+            grtt_us=int(self.config.grtt * 1e6),
+            group_size=max(1, len(self.receivers)),
+            proactive_repair=self.config.proactive_repair,
+            checksum=self.checksum or bytes(32),
+            sender_host=self.config.reply_host,
+            sender_port=self.config.reply_port,
+        ), flags)
+
+    def _maybe_begin(self, now: float) -> None:
+        if self.state is not SenderState.WAITING:
+            return
+        wanted = self.config.min_receivers
+        enough = len(self.receivers) >= wanted if wanted else True
+        timed_out = self.config.wait is not None and now >= self._started_at + self.config.wait
+        if enough or timed_out:
+            self.state = SenderState.SENDING
+            self._next_announce = now  # tell everyone at once that the pass begins
+            self._events.append(events.TransferStarted(len(self.receivers)))
+
+    def _maybe_finish(self, now: float) -> None:
+        if self.state is not SenderState.REPAIRING or self._repair or self._ready_repair:
+            return
+        known = len(self.receivers)
+        done = sum(1 for record in self.receivers.values() if record.done)
+        if known and known == done and known >= self.config.min_receivers:
+            self._finish("every receiver is done", known, done, now)
+        elif now >= self._last_request + self.config.linger:
+            self._finish(f"nothing asked for {self.config.linger:g} s", known, done, now)
+
+    def _finish(self, reason: str, known: int, done: int, now: float) -> None:
+        self.state = SenderState.FINISHED
+        self._finished_at = now
+        self._end_remaining = _END_COPIES
+        self._cache.clear()
+        self._events.append(events.SessionEnded(reason, known, done))
+
+    def _on_nack(self, nack: wire.Nack, now: float) -> None:
+        self.stats.nacks_received += 1
+        for block, need in nack.needs:
+            self.stats.nack_entries += 1
+            if block >= self._pass_block or self.state is SenderState.FINISHED:
+                continue  # not sent yet (it is coming in the pass) or too late
+            need = min(need, self.geometry.symbols_in(block))
+            if self._repair.request(block, need, now):
+                self.stats.repairs_requested += need
+                self._last_request = now
+            else:
+                self.stats.nack_entries_suppressed += 1
+
+    def _pass_symbols(self, block: int) -> int:
+        return self.geometry.symbols_in(block) + self.config.proactive_repair
+
+    def _has_data_to_send(self) -> bool:
+        if self.state in (SenderState.WAITING, SenderState.FINISHED):
+            return False
+        if self._ready_repair:
+            return True
+        if self._repair and self._repair.head() in self._cache:
+            return True
+        return (self.state is SenderState.SENDING and self._pass_block in self._cache)
+
+    def _next_data(self, now: float) -> Optional[bytes]:
+        pass_ready = self.state is SenderState.SENDING and self._pass_block in self._cache
+        repair_ready = bool(self._ready_repair) or (
+            bool(self._repair) and self._repair.head() in self._cache)
+        share = self.config.repair_share
+        if repair_ready and (not pass_ready or self._repair_credit >= 1.0):
+            datagram = self._next_repair(now)
+            if datagram is not None:
+                self._repair_credit = max(0.0, self._repair_credit - 1.0)
+                return datagram
+        if pass_ready:
+            self._repair_credit = min(self._repair_credit + share / (1 - share), 16.0)
+            return self._next_pass_symbol(now)
+        return None
+
+    def _next_pass_symbol(self, now: float) -> bytes:
+        block = self._pass_block
+        symbol = self._pass_symbol
+        array = self._cache[block]
+        k = array.shape[0]
+        if symbol < k:
+            payload = array[symbol].data
+            self.stats.source_packets += 1
+        else:
+            if symbol == k:  # encode the block's proactive symbols in one codec call
+                ids = list(range(k, k + self.config.proactive_repair))
+                self._proactive_rows = dict(zip(ids, codec_for(k).encode(array, ids)))
+            payload = self._proactive_rows.pop(symbol).data
+            self.stats.proactive_packets += 1
+        datagram = wire.encode_data_header(self.config.session_id, self.origin, block,
+                                           symbol) + payload
+        self._pass_symbol += 1
+        if self._pass_symbol >= self._pass_symbols(block):
+            self._pass_block += 1
+            self._pass_symbol = 0
+            if self._pass_block >= self.geometry.block_count:
+                self.state = SenderState.REPAIRING
+                self._last_request = now
+                self._next_announce = now  # announce PASS_COMPLETE at once
+                self._events.append(events.PassComplete())
+        return datagram
+
+    def _next_repair(self, now: float) -> Optional[bytes]:
+        if not self._ready_repair:
+            block = self._repair.head()
+            if block is None or block not in self._cache:
+                return None
+            array = self._cache[block]
+            self._cache.move_to_end(block)
+            k = array.shape[0]
+            count = self._repair.take(block, 8, now)
+            ids = self._repair.fresh_ids(block, count, k + self.config.proactive_repair)
+            repair_ids = [i for i in ids if i >= k]
+            encoded = dict(zip(repair_ids, codec_for(k).encode(array, repair_ids))) \
+                if repair_ids else {}
+            for symbol in ids:
+                row = array[symbol] if symbol < k else encoded[symbol]
+                self._ready_repair.append((block, symbol, row.tobytes()))
+        block, symbol, payload = self._ready_repair.popleft()
+        self.stats.repair_packets += 1
+        return wire.encode_data_header(self.config.session_id, self.origin, block, symbol,
+                                       wire.Flags.REPAIR) + payload

@@ -1,0 +1,6 @@
+"""Simulated time and a seeded lossy network for driving the real protocol objects."""
+
+from mcastdeploy.sim.harness import Simulation, SimResult
+from mcastdeploy.sim.network import BurstLoss, LossModel
+
+__all__ = ["BurstLoss", "LossModel", "SimResult", "Simulation"]

@@ -1,0 +1,331 @@
+"""The mcastdeploy wire format: every datagram's bytes are defined here and nowhere else.
+
+Every packet starts with one fixed header::
+
+    0      2        3       4       5       8                16          20
+    +------+--------+-------+-------+-------+----------------+-----------+
+    | "MD" | version| type  | flags |  pad  |   session id   |  origin   |
+    +------+--------+-------+-------+-------+----------------+-----------+
+
+``session id`` binds the packet to one deployment session (from the session spec), so a
+stray packet of another session on the same group and port is recognised before anything
+else is read.  ``origin`` is a random 32-bit id chosen by each process at start: the
+sender's run instance (so a restarted sender is told apart from the old one) or a
+receiver's node id (so several receivers behind one address are still counted apart).
+
+The body that follows depends on the type.  All integers are big-endian.  :func:`parse`
+raises only :class:`WireError`, whatever bytes it is given, because it is the first code to
+touch what arrives from the network.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+MAGIC = b"MD"
+VERSION = 1
+
+HEADER = struct.Struct("!2sBBB3xQI")
+HEADER_SIZE = HEADER.size  # 20
+
+#: Largest datagram we build or accept; bounds memory per packet and keeps us below the
+#: IPv4 UDP payload limit even on loopback (MTU 65536).
+MAX_DATAGRAM = 65507
+
+#: Symbol ids are bytes: 0..k-1 are source symbols, k..254 repair symbols (RS over GF(2^8)).
+MAX_SYMBOL_ID = 254
+MAX_BLOCK_SYMBOLS = 254
+
+
+class WireError(ValueError):
+    """A datagram is not a well-formed mcastdeploy packet."""
+
+
+class PacketType(enum.IntEnum):
+    ANNOUNCE = 1  # sender -> group: session parameters and progress
+    DATA = 2  # sender -> group: one source or repair symbol
+    NACK = 3  # receiver -> sender (unicast): symbols still needed, per block
+    STATUS = 4  # receiver -> sender (unicast): progress and loss
+    DONE = 5  # receiver -> sender (unicast): image complete and verified
+    END = 6  # sender -> group: the session is over, no more repair will come
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    #: DATA: a repair answer, not part of the in-order data pass (does not move the frontier).
+    REPAIR = 0x01
+    #: ANNOUNCE: the image checksum field is valid (it may be computed during the pass).
+    CHECKSUM_KNOWN = 0x02
+    #: ANNOUNCE: every block has been sent at least once.
+    PASS_COMPLETE = 0x04
+    #: ANNOUNCE: the sender is still gathering receivers and has not started the data pass.
+    WAITING = 0x08
+
+
+@dataclass(frozen=True)
+class Header:
+    type: PacketType
+    session_id: int
+    origin: int
+    flags: Flags = Flags.NONE
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Everything a receiver needs to join, repeated periodically so late joiners can."""
+
+    TYPE: ClassVar[PacketType] = PacketType.ANNOUNCE
+    BODY: ClassVar[struct.Struct] = struct.Struct("!QHBxIIQIII32sB16sH")
+
+    image_size: int
+    symbol_size: int
+    block_symbols: int  # k: source symbols per block (the last block may have fewer)
+    block_count: int
+    next_block: int  # blocks below this have been sent once in the data pass
+    rate_bps: int  # the sender's current send rate, bits per second
+    grtt_us: int  # the sender's group round-trip estimate, microseconds
+    group_size: int  # the sender's estimate of how many receivers listen
+    proactive_repair: int  # repair symbols the data pass sends after each block's source symbols
+    checksum: bytes  # SHA-256 of the whole image (valid with Flags.CHECKSUM_KNOWN)
+    sender_host: str  # where NACK/STATUS go; "0.0.0.0" means "the source address"
+    sender_port: int
+
+    def body(self) -> bytes:
+        ip = ipaddress.ip_address(self.sender_host)
+        return self.BODY.pack(
+            self.image_size,
+            self.symbol_size,
+            self.block_symbols,
+            self.block_count,
+            self.next_block,
+            self.rate_bps,
+            self.grtt_us,
+            self.group_size,
+            self.proactive_repair,
+            self.checksum,
+            ip.version,
+            ip.packed.ljust(16, b"\0"),
+            self.sender_port,
+        )
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Announce":
+        (size, sym, k, blocks, next_block, rate, grtt, group, proactive, checksum, family, addr,
+         port) = _unpack_exact(cls.BODY, body, "ANNOUNCE")
+        if family == 4:
+            host = str(ipaddress.IPv4Address(addr[:4]))
+        elif family == 6:
+            host = str(ipaddress.IPv6Address(addr))
+        else:
+            raise WireError(f"ANNOUNCE: unknown address family {family}")
+        if not 1 <= k <= MAX_BLOCK_SYMBOLS:
+            raise WireError(f"ANNOUNCE: block symbols {k} out of range")
+        if size == 0:
+            raise WireError("ANNOUNCE: empty image")
+        if sym == 0 or sym + HEADER_SIZE + DATA_BODY.size > MAX_DATAGRAM:
+            raise WireError(f"ANNOUNCE: symbol size {sym} out of range")
+        if k + proactive > MAX_SYMBOL_ID + 1:
+            raise WireError(f"ANNOUNCE: {proactive} proactive repair symbols do not fit k={k}")
+        block_bytes = k * sym
+        if blocks != -(-size // block_bytes):
+            raise WireError("ANNOUNCE: block count does not match image size")
+        if next_block > blocks:
+            raise WireError("ANNOUNCE: next block beyond the last block")
+        return cls(size, sym, k, blocks, next_block, rate, grtt, group, proactive, bytes(checksum),
+                   host, port)
+
+
+DATA_BODY = struct.Struct("!IB3x")
+
+
+@dataclass(frozen=True)
+class Data:
+    """One symbol of one block; source (id < k) and repair (id >= k) share the format."""
+
+    TYPE: ClassVar[PacketType] = PacketType.DATA
+
+    block: int
+    symbol: int
+    payload: Union[bytes, memoryview] = field(repr=False)
+
+    def body(self) -> bytes:
+        return DATA_BODY.pack(self.block, self.symbol) + bytes(self.payload)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Data":
+        if len(body) <= DATA_BODY.size:
+            raise WireError("DATA: truncated")
+        block, symbol = DATA_BODY.unpack_from(body)
+        if symbol > MAX_SYMBOL_ID:
+            raise WireError(f"DATA: symbol id {symbol} out of range")
+        return cls(block, symbol, body[DATA_BODY.size:])
+
+
+NACK_ENTRY = struct.Struct("!IB")
+NACK_COUNT = struct.Struct("!H")
+#: Keeps a NACK inside one 1500-byte Ethernet frame.
+MAX_NACK_ENTRIES = 250
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Per block, how many more symbols a receiver needs; many blocks ride in one packet."""
+
+    TYPE: ClassVar[PacketType] = PacketType.NACK
+
+    needs: tuple[tuple[int, int], ...]  # (block, symbols needed)
+
+    def body(self) -> bytes:
+        if not 1 <= len(self.needs) <= MAX_NACK_ENTRIES:
+            raise WireError(f"NACK: {len(self.needs)} entries, 1..{MAX_NACK_ENTRIES} allowed")
+        parts = [NACK_COUNT.pack(len(self.needs))]
+        parts.extend(NACK_ENTRY.pack(block, need) for block, need in self.needs)
+        return b"".join(parts)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Nack":
+        if len(body) < NACK_COUNT.size:
+            raise WireError("NACK: truncated")
+        (count,) = NACK_COUNT.unpack_from(body)
+        if not 1 <= count <= MAX_NACK_ENTRIES:
+            raise WireError(f"NACK: {count} entries, 1..{MAX_NACK_ENTRIES} allowed")
+        if len(body) != NACK_COUNT.size + count * NACK_ENTRY.size:
+            raise WireError("NACK: length does not match entry count")
+        needs = tuple(NACK_ENTRY.iter_unpack(body[NACK_COUNT.size:]))
+        if any(need == 0 for _, need in needs):
+            raise WireError("NACK: an entry needs zero symbols")
+        return cls(needs)
+
+
+class ReceiverState(enum.IntEnum):
+    JOINING = 0
+    RECEIVING = 1
+    VERIFYING = 2
+    DONE = 3
+    FAILED = 4
+
+
+@dataclass(frozen=True)
+class Status:
+    """A receiver's progress and the loss it sees, so the sender can watch the group."""
+
+    TYPE: ClassVar[PacketType] = PacketType.STATUS
+    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQI")
+
+    state: ReceiverState
+    blocks_done: int
+    block_count: int
+    packets_received: int
+    packets_lost: int  # estimated from gaps in what the sender sent in its pass
+    nacks_sent: int
+
+    def body(self) -> bytes:
+        return self.BODY.pack(self.state, self.blocks_done, self.block_count,
+                              self.packets_received, self.packets_lost, self.nacks_sent)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Status":
+        state, done, count, received, lost, nacks = _unpack_exact(cls.BODY, body, "STATUS")
+        try:
+            receiver_state = ReceiverState(state)
+        except ValueError:
+            raise WireError(f"STATUS: unknown state {state}") from None
+        if done > count:
+            raise WireError("STATUS: more blocks done than exist")
+        return cls(receiver_state, done, count, received, lost, nacks)
+
+
+@dataclass(frozen=True)
+class Done:
+    """A receiver has the whole image and its SHA-256 matched; the sender may stop for it."""
+
+    TYPE: ClassVar[PacketType] = PacketType.DONE
+    BODY: ClassVar[struct.Struct] = struct.Struct("!32s")
+
+    checksum: bytes
+
+    def body(self) -> bytes:
+        return self.BODY.pack(self.checksum)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Done":
+        (checksum,) = _unpack_exact(cls.BODY, body, "DONE")
+        return cls(bytes(checksum))
+
+
+@dataclass(frozen=True)
+class End:
+    """The sender is finished; a receiver still missing blocks will get no more repair."""
+
+    TYPE: ClassVar[PacketType] = PacketType.END
+
+    def body(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "End":
+        if len(body):
+            raise WireError("END: unexpected body")
+        return cls()
+
+
+Body = Union[Announce, Data, Nack, Status, Done, End]
+
+_BODY_TYPES: dict[PacketType, type] = {
+    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End)
+}
+
+
+@dataclass(frozen=True)
+class Packet:
+    header: Header
+    body: Body
+
+
+def encode(session_id: int, origin: int, body: Body, flags: Flags = Flags.NONE) -> bytes:
+    """Build one datagram.  Raises WireError if the result would not fit a datagram."""
+    data = HEADER.pack(MAGIC, VERSION, body.TYPE, flags, session_id, origin) + body.body()
+    if len(data) > MAX_DATAGRAM:
+        raise WireError(f"packet of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    return data
+
+
+def encode_data_header(session_id: int, origin: int, block: int, symbol: int,
+                       flags: Flags = Flags.NONE) -> bytes:
+    """The bytes before a DATA payload, for senders that gather header and payload (sendmsg)."""
+    return (HEADER.pack(MAGIC, VERSION, PacketType.DATA, flags, session_id, origin)
+            + DATA_BODY.pack(block, symbol))
+
+
+def parse_header(data: Union[bytes, memoryview]) -> Header:
+    if len(data) < HEADER_SIZE:
+        raise WireError(f"datagram of {len(data)} bytes is shorter than the header")
+    if len(data) > MAX_DATAGRAM:
+        raise WireError(f"datagram of {len(data)} bytes is too long")
+    magic, version, ptype, flags, session_id, origin = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("bad magic")
+    if version != VERSION:
+        raise WireError(f"unsupported version {version}")
+    try:
+        packet_type = PacketType(ptype)
+    except ValueError:
+        raise WireError(f"unknown packet type {ptype}") from None
+    return Header(packet_type, session_id, origin, Flags(flags))
+
+
+def parse(data: Union[bytes, memoryview]) -> Packet:
+    """Parse one datagram; raises WireError, and only WireError, on anything malformed."""
+    header = parse_header(data)
+    body = memoryview(data)[HEADER_SIZE:]
+    return Packet(header, _BODY_TYPES[header.type].from_body(body))
+
+
+def _unpack_exact(layout: struct.Struct, body: memoryview, name: str) -> tuple:
+    if len(body) != layout.size:
+        raise WireError(f"{name}: body is {len(body)} bytes, expected {layout.size}")
+    return layout.unpack(body)

@@ -16,6 +16,7 @@ RECV_BUFFER = 65536
 
 
 class SansIO(Protocol):
+    def start(self, now: float) -> None: ...
     def receive_datagram(self, data: bytes, addr: tuple, now: float) -> None: ...
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple]]: ...
     def get_timer(self) -> Optional[float]: ...
@@ -54,6 +55,7 @@ class EventLoop:
             for sock in self.sockets:
                 selector.register(sock, selectors.EVENT_READ)
             now = self.clock()
+            self.protocol.start(now)
             self._step(now)
             last_tick = now
             while not self.finished():

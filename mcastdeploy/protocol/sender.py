@@ -162,6 +162,10 @@ class Sender:
         """The image's SHA-256, when it becomes known (it may be computed during the pass)."""
         self.checksum = checksum
 
+    def pass_position(self) -> int:
+        """Blocks the data pass has fully sent."""
+        return self._pass_block
+
     # -- sans-IO interface ----------------------------------------------------------------
 
     def start(self, now: float) -> None:

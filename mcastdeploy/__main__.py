@@ -1,0 +1,3 @@
+from mcastdeploy.cli.main import main
+
+main()

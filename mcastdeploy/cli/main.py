@@ -1,0 +1,269 @@
+"""The ``mcastdeploy`` command line: session specs, ``send``, ``recv`` and the demo.
+
+Only argument handling and presentation live here; the work is in ``mcastdeploy.drivers``.
+Every expected failure ends in one line on stderr and a non-zero exit, never a traceback:
+exit 2 for bad input (spec, image, target, interface), 1 for a transfer that failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+from typing import Any, Callable, Optional
+
+import click
+
+from mcastdeploy.cli.progress import MODES, ProgressDisplay
+from mcastdeploy.drivers.image_source import SourceError
+from mcastdeploy.drivers.recv_session import run_recv
+from mcastdeploy.drivers.send_session import run_send
+from mcastdeploy.drivers.target import TargetError
+from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
+from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(click.ClickException):
+    """A one-line error with our exit codes."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"mcastdeploy: error: {self.format_message()}", err=True)
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our expected exceptions into CommandError (one line, right exit code)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (SpecError, NetworkError, TargetError, SourceError) as error:
+            raise CommandError(str(error)) from None
+        except KeyboardInterrupt:
+            raise CommandError("interrupted", EXIT_INTERRUPTED) from None
+        except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
+            raise CommandError(f"{error.strerror or error}{where}", EXIT_FAILED) from None
+
+    return wrapper
+
+
+class RateType(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_rate(value)
+        except SpecError as error:
+            self.fail(str(error), param, ctx)
+
+
+RATE = RateType()
+
+
+def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--group/--port/--interface/--rate: override the spec (send, recv) or set it (new)."""
+    for option in reversed([
+        click.option("--group", help="Multicast group (IPv4, 224.0.0.0/4)."),
+        click.option("--port", type=click.IntRange(1, 65535), help="UDP port of the group."),
+        click.option("--interface",
+                     help="Interface name or one of its IPv4 addresses (e.g. eth0, lo)."),
+        click.option("--rate", type=RATE,
+                     help="Send rate in bits per second: 500M, 1G, 50M ..."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _load_spec(path: str, group: Optional[str], port: Optional[int],
+               interface: Optional[str], rate: Optional[int]) -> SessionSpec:
+    spec = SessionSpec.load(path)
+    if group is not None:
+        check_group(group)
+    return spec.replace(group=group, port=port, interface=interface, rate_bps=rate)
+
+
+def _report(summary: Any, as_json: bool) -> None:
+    record = summary.as_dict()
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+        return
+    role = record["role"]
+    if role == "send":
+        click.echo(f"sent {summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
+                   f"({summary.mb_per_s:.1f} MB/s); {summary.receivers_done}/"
+                   f"{summary.receivers} receivers done; repairs asked {summary.repairs_asked},"
+                   f" sent {summary.repairs_sent}; sha256 {summary.sha256}")
+    else:
+        click.echo(f"received {summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
+                   f"({summary.mb_per_s:.1f} MB/s); repairs asked {summary.repairs_asked}, "
+                   f"received {summary.repairs_received}; sha256 {summary.sha256}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mcastdeploy")
+def main() -> None:
+    """Multicast disk images to many machines at once, repaired with FEC, straight to disk."""
+
+
+@main.group()
+def session() -> None:
+    """Create session specs."""
+
+
+@session.command("new")
+@_network_options
+@click.option("--ttl", type=click.IntRange(1, 255), help="Multicast TTL (default 1: one LAN).")
+@click.option("--symbol-size", type=click.IntRange(16, 65000),
+              help="Bytes per packet payload (default 1400, fits a 1500-byte MTU).")
+@click.option("--block-symbols", type=click.IntRange(1, 254),
+              help="Source symbols per FEC block, k (default 32).")
+@click.option("--proactive-repair", type=click.IntRange(0, 253),
+              help="Repair symbols sent with every block before anyone asks (default 1).")
+@click.option("--image", "image", type=click.Path(dir_okay=False),
+              help="Pin this image's size and SHA-256 in the spec.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the spec here (mode 0600) instead of printing it.")
+@_one_line_errors
+def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
+                rate: Optional[int], ttl: Optional[int], symbol_size: Optional[int],
+                block_symbols: Optional[int], proactive_repair: Optional[int],
+                image: Optional[str], output: Optional[str]) -> None:
+    """Write a new session spec (JSON) with a fresh session id."""
+    if group is not None:
+        check_group(group)
+    if interface is not None:
+        resolve_interface(interface)
+    pinned: dict[str, Any] = {}
+    if image is not None:
+        pinned = dict(zip(("image_size", "image_sha256"), _measure(image)))
+    spec = new_session(group=group, port=port, interface=interface, rate_bps=rate, ttl=ttl,
+                       symbol_size=symbol_size, block_symbols=block_symbols,
+                       proactive_repair=proactive_repair, **pinned)
+    if output:
+        spec.save(output)
+    else:
+        click.echo(spec.to_json(), nl=False)
+
+
+def _measure(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as error:
+        raise SourceError(f"cannot read image {path}: {error.strerror}") from None
+    if size == 0:
+        raise SourceError(f"image {path} is empty")
+    return size, digest.hexdigest()
+
+
+_session_option = click.option("--session", "session_path", required=True,
+                               type=click.Path(dir_okay=False),
+                               help="The session spec (JSON) from 'mcastdeploy session new'.")
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Print the final summary as one JSON object.")
+_progress_option = click.option("--progress", type=click.Choice(MODES), default="auto",
+                                show_default=True,
+                                help="Progress on stderr: a bar, JSON lines, or nothing.")
+
+
+@main.command()
+@_session_option
+@click.option("--min-receivers", type=click.IntRange(0), default=0, show_default=True,
+              help="Start once this many receivers have joined.")
+@click.option("--wait", type=click.FloatRange(0), default=None,
+              help="Start after this many seconds even if fewer receivers joined.")
+@click.option("--linger", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="After the pass, stop when nobody asked for repair this long.")
+@_network_options
+@_json_option
+@_progress_option
+@click.argument("image", type=click.Path(dir_okay=False))
+@_one_line_errors
+def send(session_path: str, min_receivers: int, wait: Optional[float], linger: float,
+         group: Optional[str], port: Optional[int], interface: Optional[str],
+         rate: Optional[int], as_json: bool, progress: str, image: str) -> None:
+    """Multicast IMAGE to every receiver of the session."""
+    spec = _load_spec(session_path, group, port, interface, rate)
+    display = ProgressDisplay(progress, "send")
+    try:
+        summary = run_send(spec, image, min_receivers=min_receivers, wait=wait, linger=linger,
+                           on_progress=display)
+    finally:
+        display.close()
+    _report(summary, as_json)
+    if not summary.ok:
+        raise CommandError(summary.reason, EXIT_FAILED)
+
+
+@main.command()
+@_session_option
+@click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Give up when nothing comes from the sender for this many seconds.")
+@_network_options
+@_json_option
+@_progress_option
+@click.argument("target", type=click.Path(dir_okay=False))
+@_one_line_errors
+def recv(session_path: str, timeout: float, group: Optional[str], port: Optional[int],
+         interface: Optional[str], rate: Optional[int], as_json: bool, progress: str,
+         target: str) -> None:
+    """Receive the session's image into TARGET (a file or block device), verified."""
+    spec = _load_spec(session_path, group, port, interface, rate)
+    display = ProgressDisplay(progress, "recv")
+    try:
+        summary = run_recv(spec, target, timeout=timeout, on_progress=display)
+    finally:
+        display.close()
+    _report(summary, as_json)
+    if not summary.ok:
+        raise CommandError(summary.reason, EXIT_FAILED)
+
+
+@main.command()
+@click.option("--receivers", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--size", default="64M", show_default=True,
+              help="Image size: bytes, or with K/M/G (binary units).")
+@click.option("--rate", type=RATE, default="800M", show_default=True)
+@click.option("--keep", type=click.Path(file_okay=False),
+              help="Keep the image, spec and received copies in this directory.")
+@_one_line_errors
+def demo(receivers: int, size: str, rate: int, keep: Optional[str]) -> None:
+    """Multicast a random image to several receivers on this machine (loopback)."""
+    from mcastdeploy.cli.demo import run_demo
+
+    if not run_demo(receivers=receivers, size=_parse_size(size), rate_bps=rate, keep=keep):
+        raise CommandError("a receiver's copy does not match the image", EXIT_FAILED)
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise CommandError(f"bad size {text!r}: use e.g. 64M") from None
+    if size <= 0:
+        raise CommandError("the size must be positive")
+    return size
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

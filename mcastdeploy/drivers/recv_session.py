@@ -1,0 +1,144 @@
+"""``mcastdeploy recv`` without the command line: a Receiver on sockets, writing a target.
+
+The IPA plugin calls :func:`run_recv` too, so everything the agent needs is here and not
+in the click layer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.target import Target, TargetError, check_target
+from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicast_socket,
+                                     resolve_interface)
+from mcastdeploy.protocol import events
+from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
+from mcastdeploy.spec import SessionSpec
+
+
+@dataclass
+class RecvProgress:
+    state: str
+    bytes_done: int
+    bytes_total: int  # 0 until the session is joined
+    repairs_asked: int
+    packets_lost: int
+    elapsed: float
+
+
+@dataclass
+class RecvSummary:
+    ok: bool
+    reason: str
+    bytes: int
+    bytes_written: int
+    seconds: float
+    mb_per_s: float
+    repairs_asked: int
+    repairs_received: int
+    packets_lost: int
+    blocks_recovered: int
+    sha256: str
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"role": "recv"}
+
+
+def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
+             on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
+    """Receive the session's image into ``target_path``; verified before it says ok.
+
+    Raises NetworkError/TargetError for unusable settings (before anything is written).
+    """
+    check_group(spec.group)
+    interface = resolve_interface(spec.interface)
+    check_target(target_path, spec.image_size)
+    group_sock = open_group_socket(spec.group, spec.port, interface)
+    try:
+        unicast_sock = open_unicast_socket(interface)
+        try:
+            return _run(spec, target_path, timeout, group_sock, unicast_sock, on_progress)
+        finally:
+            unicast_sock.close()
+    finally:
+        group_sock.close()
+
+
+def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicast_sock,
+         on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
+    receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
+                                       expected_checksum=spec.image_checksum,
+                                       timeout=timeout),
+                        origin=secrets.randbits(32))
+    started = time.monotonic()
+    target: Optional[Target] = None
+    outcome: list[events.Event] = []
+
+    def on_event(event: object, now: float) -> None:
+        nonlocal target
+        if isinstance(event, events.BlockDecoded):
+            assert target is not None
+            target.write(event.offset, event.data)
+        elif isinstance(event, events.SessionJoined):
+            size = event.geometry.image_size
+            if spec.image_size is not None and size != spec.image_size:
+                raise TargetError(f"the sender's image is {size} bytes, the session spec "
+                                  f"says {spec.image_size}")
+            target = Target(target_path, size)
+        elif isinstance(event, events.AllBlocksDecoded):
+            assert target is not None
+            receiver.image_verified(target.finish(), now)
+        elif isinstance(event, (events.TransferComplete, events.TransferFailed)):
+            outcome.append(event)
+
+    def progress(now: float) -> None:
+        if on_progress is not None:
+            on_progress(_progress(receiver, now - started))
+
+    loop = EventLoop(receiver, [group_sock, unicast_sock], unicast_sock, on_event=on_event,
+                     on_tick=progress,
+                     finished=lambda: receiver.phase in (ReceiverPhase.DONE,
+                                                         ReceiverPhase.FAILED)
+                     and receiver.get_timer() is None)
+    try:
+        loop.run()
+    finally:
+        if target is not None:
+            target.close()
+    seconds = time.monotonic() - started
+    progress(time.monotonic())
+    result = outcome[-1] if outcome else events.TransferFailed("stopped")
+    stats = receiver.stats
+    size = receiver.geometry.image_size if receiver.geometry else 0
+    ok = isinstance(result, events.TransferComplete)
+    return RecvSummary(
+        ok=ok,
+        reason="image verified" if ok else result.reason,  # type: ignore[union-attr]
+        bytes=size,
+        bytes_written=target.bytes_written if target else 0,
+        seconds=seconds,
+        mb_per_s=size / seconds / 1e6 if ok and seconds > 0 else 0.0,
+        repairs_asked=stats.symbols_requested,
+        repairs_received=stats.repair_packets,
+        packets_lost=receiver.packets_lost,
+        blocks_recovered=stats.blocks_recovered,
+        sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
+    )
+
+
+def _progress(receiver: Receiver, elapsed: float) -> RecvProgress:
+    geometry = receiver.geometry
+    total = geometry.image_size if geometry else 0
+    done = min(total, receiver.blocks_done * geometry.block_bytes) if geometry else 0
+    return RecvProgress(
+        state=receiver.phase.value,
+        bytes_done=done,
+        bytes_total=total,
+        repairs_asked=receiver.stats.symbols_requested,
+        packets_lost=receiver.packets_lost,
+        elapsed=elapsed,
+    )

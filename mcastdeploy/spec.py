@@ -1,0 +1,178 @@
+"""The session spec: one JSON document that flows operator -> sender -> Ironic node -> agent.
+
+Everything both ends must agree on lives here (group, port, session id, block layout, rate),
+so that ``send`` and ``recv`` only need the spec and an image or a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mcastdeploy import wire
+
+SPEC_VERSION = 1
+DEFAULT_PORT = 6790
+DEFAULT_RATE_BPS = 500_000_000
+DEFAULT_SYMBOL_SIZE = 1400
+DEFAULT_BLOCK_SYMBOLS = 32
+DEFAULT_PROACTIVE_REPAIR = 1
+#: Organisation-local scope (RFC 2365); a random group per session keeps concurrent
+#: sessions on one network apart.
+DEFAULT_GROUP_RANGE = ipaddress.IPv4Network("239.192.0.0/14")
+
+
+class SpecError(ValueError):
+    """A session spec is missing, unreadable or malformed; the message is one line."""
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:bit/s|bps|bit)?\s*$")
+_RATE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_rate(text: str) -> int:
+    """'500M' -> 500_000_000 bits per second ('k', 'M', 'G' are powers of 1000)."""
+    match = _RATE.match(str(text))
+    if not match:
+        raise SpecError(f"bad rate {text!r}: use bits per second, e.g. 500M or 1G")
+    rate = int(float(match.group(1)) * _RATE_UNITS[match.group(2).lower()])
+    if rate <= 0:
+        raise SpecError(f"bad rate {text!r}: must be positive")
+    return rate
+
+
+def format_rate(bps: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{unit}bit/s"
+    return f"{bps:g}bit/s"
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    session_id: str  # 16 hex digits
+    group: str
+    port: int = DEFAULT_PORT
+    interface: Optional[str] = None
+    ttl: int = 1
+    rate_bps: int = DEFAULT_RATE_BPS
+    symbol_size: int = DEFAULT_SYMBOL_SIZE
+    block_symbols: int = DEFAULT_BLOCK_SYMBOLS
+    proactive_repair: int = DEFAULT_PROACTIVE_REPAIR
+    #: Pinned by the operator (or Ironic's image checksum): receivers refuse anything else.
+    image_sha256: Optional[str] = None
+    image_size: Optional[int] = None
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def session_number(self) -> int:
+        return int(self.session_id, 16)
+
+    @property
+    def image_checksum(self) -> Optional[bytes]:
+        return bytes.fromhex(self.image_sha256) if self.image_sha256 else None
+
+    def replace(self, **changes: Any) -> "SessionSpec":
+        """A copy with ``changes`` applied (None values are ignored: unset CLI options)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SessionSpec":
+        if not isinstance(data, dict):
+            raise SpecError("a session spec is a JSON object")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise SpecError(f"unknown session spec field {unknown[0]!r}")
+        missing = [name for name in ("session_id", "group") if name not in data]
+        if missing:
+            raise SpecError(f"session spec lacks {missing[0]!r}")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise SpecError(f"bad session spec: {error}") from None
+
+    @classmethod
+    def load(cls, path: str) -> "SessionSpec":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as error:
+            raise SpecError(f"cannot read session spec {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"session spec {path} is not UTF-8 text") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"session spec {path} is not valid JSON: {error.msg} "
+                            f"(line {error.lineno})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str) -> None:
+        """Write atomically with mode 0600: later versions carry the session key in it."""
+        temporary = f"{path}.tmp{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.to_json())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+
+
+def new_session(**settings: Any) -> SessionSpec:
+    """A fresh spec: random session id and, unless given, a random group in 239.192/14."""
+    if settings.get("group") is None:
+        offset = secrets.randbelow(DEFAULT_GROUP_RANGE.num_addresses - 2) + 1
+        settings["group"] = str(DEFAULT_GROUP_RANGE.network_address + offset)
+    return SessionSpec(session_id=secrets.token_hex(8),
+                       **{k: v for k, v in settings.items() if v is not None})
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(f"session spec field {name!r} must be an integer in {low}..{high}")
+
+
+def _validate(spec: SessionSpec) -> None:
+    if spec.version != SPEC_VERSION:
+        raise SpecError(f"session spec version {spec.version!r} is not supported "
+                        f"(this is version {SPEC_VERSION})")
+    if not isinstance(spec.session_id, str) or not re.fullmatch(r"[0-9a-f]{16}", spec.session_id):
+        raise SpecError("session spec field 'session_id' must be 16 lowercase hex digits")
+    try:
+        group = ipaddress.IPv4Address(spec.group)
+    except (ValueError, TypeError):
+        raise SpecError(f"group {spec.group!r} is not an IPv4 address") from None
+    if not group.is_multicast:
+        raise SpecError(f"group {spec.group} is not a multicast address (224.0.0.0/4)")
+    _check_int("port", spec.port, 1, 65535)
+    _check_int("ttl", spec.ttl, 1, 255)
+    _check_int("rate_bps", spec.rate_bps, 1000, 400_000_000_000)
+    _check_int("symbol_size", spec.symbol_size, 16,
+               wire.MAX_DATAGRAM - wire.HEADER_SIZE - 8)
+    _check_int("block_symbols", spec.block_symbols, 1, wire.MAX_BLOCK_SYMBOLS)
+    _check_int("proactive_repair", spec.proactive_repair, 0,
+               wire.MAX_SYMBOL_ID + 1 - spec.block_symbols)
+    if spec.interface is not None and (not isinstance(spec.interface, str) or not spec.interface):
+        raise SpecError("session spec field 'interface' must be a name, an address or null")
+    if spec.image_sha256 is not None and (
+            not isinstance(spec.image_sha256, str)
+            or not re.fullmatch(r"[0-9a-f]{64}", spec.image_sha256)):
+        raise SpecError("session spec field 'image_sha256' must be 64 lowercase hex digits")
+    if spec.image_size is not None:
+        _check_int("image_size", spec.image_size, 1, 2 ** 63 - 1)

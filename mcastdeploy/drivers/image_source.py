@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
-from mcastdeploy.drivers.digest import OrderedDigest
 from mcastdeploy.drivers.target import device_size
+
+_HASH_CHUNK = 1 << 20
 
 
 class SourceError(OSError):
@@ -14,11 +16,7 @@ class SourceError(OSError):
 
 
 class LocalImage:
-    """A local image, read block by block with ``pread`` so memory stays flat.
-
-    Its SHA-256 is computed as the data pass reads it in order, so sending starts at once
-    instead of after a whole extra read of a many-gigabyte image.
-    """
+    """A local image, read block by block with ``pread`` so memory stays flat."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -34,18 +32,24 @@ class LocalImage:
         if self.size == 0:
             os.close(self._fd)
             raise SourceError(f"image {path} is empty")
-        self._digest = OrderedDigest(self.size)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise SourceError(f"image {self.path} shrank while being sent")
-        self._digest.update_at(offset, data)
         return data
 
-    def checksum(self) -> bytes | None:
-        """The SHA-256, once every byte has been read in order; None before."""
-        return self._digest.digest() if self._digest.complete else None
+    def checksum(self) -> bytes:
+        """SHA-256 of the whole image, read once before sending.
+
+        Knowing it before the first packet lets every ANNOUNCE carry it, so a receiver
+        whose spec pins another image refuses before writing a byte, and a sender never
+        multicasts an image that does not match the spec.
+        """
+        digest = hashlib.sha256()
+        for offset in range(0, self.size, _HASH_CHUNK):
+            digest.update(self.read(offset, min(_HASH_CHUNK, self.size - offset)))
+        return digest.digest()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -61,16 +61,19 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
         if spec.image_size is not None and spec.image_size != image.size:
             raise SourceError(f"image {image_path} is {image.size} bytes, the session spec "
                               f"says {spec.image_size}")
+        checksum = image.checksum()
+        if spec.image_checksum is not None and checksum != spec.image_checksum:
+            raise SourceError(f"image {image_path} does not match the session's sha256")
         sock = open_sender_socket(interface, spec.ttl)
         try:
-            return _run(spec, image, sock, min_receivers, wait, linger, on_progress)
+            return _run(spec, image, checksum, sock, min_receivers, wait, linger, on_progress)
         finally:
             sock.close()
     finally:
         image.close()
 
 
-def _run(spec: SessionSpec, image: LocalImage, sock, min_receivers: int,
+def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receivers: int,
          wait: Optional[float], linger: float,
          on_progress: Optional[Callable[[SendProgress], None]]) -> SendSummary:
     reply_host, reply_port = sock.getsockname()[:2]
@@ -87,8 +90,7 @@ def _run(spec: SessionSpec, image: LocalImage, sock, min_receivers: int,
         reply_host=reply_host,
         reply_port=reply_port,
     )
-    pinned = spec.image_checksum
-    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=pinned)
+    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum)
     geometry = sender.geometry
     started = time.monotonic()
     ended: list[events.SessionEnded] = []
@@ -97,11 +99,6 @@ def _run(spec: SessionSpec, image: LocalImage, sock, min_receivers: int,
         for block in sender.blocks_wanted():
             sender.supply_block(block, image.read(geometry.offset(block),
                                                   geometry.block_length(block)))
-        computed = image.checksum()
-        if computed is not None and sender.checksum != computed:
-            if pinned is not None:
-                raise SourceError(f"image {image.path} does not match the session's sha256")
-            sender.set_checksum(computed)
 
     def on_event(event: object, now: float) -> None:
         if isinstance(event, events.SessionEnded):
@@ -130,7 +127,7 @@ def _run(spec: SessionSpec, image: LocalImage, sock, min_receivers: int,
         ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
-        receivers=known, receivers_done=done, sha256=(sender.checksum or b"").hex())
+        receivers=known, receivers_done=done, sha256=checksum.hex())
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

@@ -239,7 +239,13 @@ class Receiver:
                      now: float) -> None:
         geometry = ImageGeometry(announce.image_size, announce.symbol_size,
                                  announce.block_symbols)
+        checksum = announce.checksum if wire.Flags.CHECKSUM_KNOWN in header.flags else None
+        expected = self.config.expected_checksum
         if self.geometry is None:
+            if expected is not None and checksum is None:
+                return  # a pinned image: join only once the sender says which image it sends
+            if not self._accept_checksum(checksum):
+                return
             self.geometry = geometry
             self._done = bytearray(geometry.block_count)
             self.sender_id = header.origin
@@ -248,6 +254,8 @@ class Receiver:
             self._events.append(events.SessionJoined(geometry, header.origin))
         elif geometry != self.geometry:
             self.stats.foreign_packets += 1  # another image under our session id: ignore it
+            return
+        elif not self._accept_checksum(checksum):
             return
         elif header.origin != self.sender_id:
             # Same image from a new sender instance (restarted): follow it, keep our blocks.
@@ -262,19 +270,23 @@ class Receiver:
             rate_bps=float(announce.rate_bps),
             packet_bytes=wire.HEADER_SIZE + 8 + announce.symbol_size,
         )
-        if wire.Flags.CHECKSUM_KNOWN in header.flags:
-            if self.checksum is None:
-                self.checksum = announce.checksum
-            elif self.checksum != announce.checksum:
-                self._fail("the sender announced a different image checksum")
-                return
-            expected = self.config.expected_checksum
-            if expected is not None and expected != announce.checksum:
-                self._fail("the sender's image checksum differs from the session spec's")
-                return
         self._advance_frontier(announce.next_block, now)
         if self.phase is ReceiverPhase.VERIFYING:
             self._check_verified(now)
+
+    def _accept_checksum(self, checksum: Optional[bytes]) -> bool:
+        """Check an announced image checksum against what we know; fail on a conflict."""
+        if checksum is None:
+            return True
+        expected = self.config.expected_checksum
+        if expected is not None and expected != checksum:
+            self._fail("the sender's image checksum differs from the session spec's")
+            return False
+        if self.checksum is not None and self.checksum != checksum:
+            self._fail("the sender announced a different image checksum")
+            return False
+        self.checksum = checksum
+        return True
 
     def _advance_frontier(self, frontier: int, now: float) -> None:
         """Blocks below ``frontier`` were fully sent in the pass: what is missing is owed."""

@@ -1,0 +1,178 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, never a traceback,
+and nothing is written where it should not be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import finish, mcastdeploy, write_random
+
+from mcastdeploy.spec import new_session
+
+
+def run(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    return finish(mcastdeploy(*args), timeout=timeout)
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, fragment: str) -> None:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mcastdeploy: error: ") or lines[0].startswith("Error: "), err
+    assert fragment in lines[0], err
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "image.raw"
+    write_random(path, 100_000)
+    return str(path)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "cannot read session spec"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is a JSON object"),
+    ('{"group": "239.1.1.1"}', "lacks 'session_id'"),
+    ('{"session_id": "0123456789abcdef", "group": "10.1.1.1"}', "not a multicast address"),
+    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "port": 70000}', "'port'"),
+    ('{"session_id": "xyz", "group": "239.1.1.1"}', "'session_id'"),
+    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "color": 1}', "'color'"),
+    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "version": 9}', "version 9"),
+])
+def test_unusable_session_spec(tmp_path, image, content, fragment):
+    spec = tmp_path / "spec.json"
+    if content is not None:
+        spec.write_text(content)
+    target = tmp_path / "target.raw"
+    for args in (("send", "--session", str(spec), image),
+                 ("recv", "--session", str(spec), str(target))):
+        code, _, err = run(*args)
+        assert_one_line_error(code, err, 2, fragment)
+    assert not target.exists()
+
+
+def test_no_such_image(loopback_spec, tmp_path):
+    code, _, err = run("send", "--session", loopback_spec[1], str(tmp_path / "missing.raw"))
+    assert_one_line_error(code, err, 2, "cannot read image")
+
+
+def test_image_is_a_directory(loopback_spec, tmp_path):
+    code, _, err = run("send", "--session", loopback_spec[1], "--progress", "none",
+                       str(tmp_path))
+    assert code == 2 and "Traceback" not in err
+
+
+def test_empty_image(loopback_spec, tmp_path):
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    code, _, err = run("send", "--session", loopback_spec[1], str(empty))
+    assert_one_line_error(code, err, 2, "is empty")
+
+
+@pytest.mark.parametrize("command", ["send", "recv"])
+def test_no_such_interface(loopback_spec, image, tmp_path, command):
+    last = image if command == "send" else str(tmp_path / "t.raw")
+    code, _, err = run(command, "--session", loopback_spec[1], "--interface", "nosuch0", last)
+    assert_one_line_error(code, err, 2, "no such interface: nosuch0")
+
+
+@pytest.mark.parametrize("command", ["send", "recv"])
+def test_group_that_is_not_multicast(loopback_spec, image, tmp_path, command):
+    last = image if command == "send" else str(tmp_path / "t.raw")
+    code, _, err = run(command, "--session", loopback_spec[1], "--group", "192.0.2.1", last)
+    assert_one_line_error(code, err, 2, "is not a multicast group")
+
+
+def test_bad_rate(loopback_spec, image):
+    code, _, err = run("send", "--session", loopback_spec[1], "--rate", "fast", image)
+    assert code == 2 and "bad rate" in err and "Traceback" not in err
+
+
+def test_target_smaller_than_pinned_image(tmp_path, image):
+    spec = new_session(interface="lo", image_size=100_000)
+    spec_path = tmp_path / "spec.json"
+    spec.save(str(spec_path))
+    target = tmp_path / "small.raw"
+    target.write_bytes(b"keep me" * 100)
+    before = target.read_bytes()
+    code, _, err = run("recv", "--session", str(spec_path), str(target))
+    assert_one_line_error(code, err, 2, "smaller than the image")
+    assert target.read_bytes() == before
+
+
+def test_target_smaller_than_announced_image(tmp_path, loopback_spec, image):
+    """Size known only from the sender's ANNOUNCE: the receiver stops before writing."""
+    target = tmp_path / "small.raw"
+    target.write_bytes(b"keep me" * 100)
+    before = target.read_bytes()
+    receiver = mcastdeploy("recv", "--session", loopback_spec[1], "--timeout", "10",
+                           str(target))
+    sender = mcastdeploy("send", "--session", loopback_spec[1], "--min-receivers", "1",
+                         "--wait", "10", "--linger", "1", image)
+    code, _, err = finish(receiver)
+    finish(sender)
+    assert_one_line_error(code, err, 2, "smaller than the image")
+    assert target.read_bytes() == before
+
+
+def test_target_in_missing_directory(loopback_spec, tmp_path):
+    code, _, err = run("recv", "--session", loopback_spec[1],
+                       str(tmp_path / "no" / "such" / "dir" / "t.raw"))
+    assert_one_line_error(code, err, 2, "does not exist")
+
+
+def test_no_sender(loopback_spec, tmp_path):
+    target = tmp_path / "t.raw"
+    code, out, err = run("recv", "--session", loopback_spec[1], "--timeout", "0.5", "--json",
+                         str(target))
+    assert_one_line_error(code, err, 1, "no ANNOUNCE from the sender for 0.5 s")
+    assert json.loads(out)["ok"] is False
+    assert not target.exists()
+
+
+def test_image_does_not_match_pinned_checksum(tmp_path, image):
+    spec = new_session(interface="lo", image_sha256="0" * 64)
+    spec_path = tmp_path / "spec.json"
+    spec.save(str(spec_path))
+    code, _, err = run("send", "--session", str(spec_path), image)
+    assert_one_line_error(code, err, 2, "does not match the session's sha256")
+
+
+def test_receiver_refuses_an_image_other_than_the_pinned_one(tmp_path, image):
+    """The receiver's spec pins a checksum; the sender sends something else."""
+    sender_spec = new_session(interface="lo")
+    receiver_spec = sender_spec.replace(image_sha256="ab" * 32)
+    paths = []
+    for name, spec in (("send.json", sender_spec), ("recv.json", receiver_spec)):
+        paths.append(tmp_path / name)
+        spec.save(str(paths[-1]))
+    target = tmp_path / "t.raw"
+    receiver = mcastdeploy("recv", "--session", str(paths[1]), "--timeout", "10", str(target))
+    sender = mcastdeploy("send", "--session", str(paths[0]), "--min-receivers", "1",
+                         "--wait", "10", "--linger", "1", image)
+    code, _, err = finish(receiver)
+    finish(sender)
+    assert_one_line_error(code, err, 1, "differs from the session spec's")
+    assert not target.exists()
+
+
+def test_session_new_writes_private_spec(tmp_path, image):
+    out = tmp_path / "s.json"
+    code, _, err = run("session", "new", "--group", "239.9.9.9", "--port", "7000",
+                       "--interface", "lo", "--rate", "1G", "--image", image, "-o", str(out))
+    assert code == 0, err
+    assert out.stat().st_mode & 0o777 == 0o600
+    data = json.loads(out.read_text())
+    assert data["group"] == "239.9.9.9" and data["port"] == 7000
+    assert data["rate_bps"] == 1_000_000_000 and data["image_size"] == 100_000
+    assert len(data["session_id"]) == 16 and len(data["image_sha256"]) == 64
+
+
+def test_session_new_prints_spec_with_fresh_ids():
+    first, second = (json.loads(run("session", "new")[1]) for _ in range(2))
+    assert first["session_id"] != second["session_id"]
+    assert first["group"].startswith("239.")

@@ -1,0 +1,43 @@
+"""The real CLI over real loopback multicast: one sender, three receivers, 64 MB."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import finish, mcastdeploy, sha256_file, write_random
+
+IMAGE_SIZE = 64 * 1024 * 1024 + 4321  # not a whole number of blocks
+
+
+def test_send_to_three_receivers(tmp_path, loopback_spec):
+    _, spec_path = loopback_spec
+    image = tmp_path / "image.raw"
+    image_sha = write_random(image, IMAGE_SIZE, seed=7)
+    targets = [tmp_path / f"target{n}.raw" for n in range(3)]
+    # One target exists already, larger and full of garbage: only the image's bytes change.
+    targets[2].write_bytes(b"\xa5" * (IMAGE_SIZE + 1000))
+
+    receivers = [mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
+                             str(target)) for target in targets]
+    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "3",
+                         "--wait", "30", "--linger", "5", "--json", str(image))
+    results = [finish(process, timeout=120) for process in receivers + [sender]]
+
+    for code, out, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    summaries = [json.loads(out) for _, out, _ in results]
+    for summary, target in zip(summaries[:3], targets):
+        assert summary["ok"] is True
+        assert summary["role"] == "recv"
+        assert summary["sha256"] == image_sha
+        assert summary["bytes"] == IMAGE_SIZE
+        assert sha256_file(target, IMAGE_SIZE) == image_sha
+    assert targets[0].stat().st_size == IMAGE_SIZE
+    assert targets[2].read_bytes()[IMAGE_SIZE:] == b"\xa5" * 1000
+    send_summary = summaries[3]
+    assert send_summary["ok"] is True
+    assert send_summary["receivers"] == 3 and send_summary["receivers_done"] == 3
+    assert send_summary["sha256"] == image_sha
+    assert sha256_file(image) == image_sha
+

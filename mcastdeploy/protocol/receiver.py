@@ -73,9 +73,10 @@ class ReceiverStats:
 class _PartialBlock:
     """Symbols of one incomplete block: received source rows in place, repair rows aside."""
 
-    __slots__ = ("rows", "present", "have", "repair")
+    __slots__ = ("k", "rows", "present", "have", "repair")
 
     def __init__(self, k: int, symbol_size: int) -> None:
+        self.k = k
         self.rows = np.zeros((k, symbol_size), dtype=np.uint8)
         self.present = np.zeros(k, dtype=bool)
         self.have = 0
@@ -239,7 +240,7 @@ class Receiver:
                      now: float) -> None:
         geometry = ImageGeometry(announce.image_size, announce.symbol_size,
                                  announce.block_symbols)
-        checksum = announce.checksum if wire.Flags.CHECKSUM_KNOWN in header.flags else None
+        checksum = announce.checksum if header.flags & wire.Flags.CHECKSUM_KNOWN else None
         expected = self.config.expected_checksum
         if self.geometry is None:
             if expected is not None and checksum is None:
@@ -307,7 +308,7 @@ class Receiver:
             self.stats.invalid_packets += 1
             return
         self.stats.data_packets += 1
-        if wire.Flags.REPAIR in header.flags:
+        if header.flags & wire.Flags.REPAIR:
             self.stats.repair_packets += 1
         else:
             self._note_pass_packet(block, symbol)
@@ -315,10 +316,11 @@ class Receiver:
         if self._done[block]:
             self.stats.duplicate_packets += 1
             return
-        k = geometry.symbols_in(block)
         partial = self._partial.get(block)
         if partial is None:
-            partial = self._partial[block] = _PartialBlock(k, geometry.symbol_size)
+            partial = self._partial[block] = _PartialBlock(geometry.symbols_in(block),
+                                                           geometry.symbol_size)
+        k = partial.k
         if symbol < k:
             if partial.present[symbol]:
                 self.stats.duplicate_packets += 1
@@ -346,9 +348,8 @@ class Receiver:
         geometry = self.geometry
         assert geometry is not None
         del self._partial[block]
-        k = partial.rows.shape[0]
         if not partial.present.all():
-            codec_for(k).recover_into(partial.rows, partial.present, partial.repair)
+            codec_for(partial.k).recover_into(partial.rows, partial.present, partial.repair)
             self.stats.blocks_recovered += 1
         self._done[block] = 1
         self.blocks_done += 1

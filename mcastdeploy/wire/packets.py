@@ -24,7 +24,7 @@ import enum
 import ipaddress
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar, NamedTuple, Union
 
 MAGIC = b"MD"
 VERSION = 1
@@ -66,12 +66,14 @@ class Flags(enum.IntFlag):
     WAITING = 0x08
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """The fixed header.  ``flags`` stays a plain int (test bits with ``&``): it is read
+    for every datagram, and building an enum per packet costs more than the rest of it."""
+
     type: PacketType
     session_id: int
     origin: int
-    flags: Flags = Flags.NONE
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,7 @@ class End:
 
 Body = Union[Announce, Data, Nack, Status, Done, End]
 
+_PACKET_TYPES = {int(member): member for member in PacketType}
 _BODY_TYPES: dict[PacketType, type] = {
     cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End)
 }
@@ -311,11 +314,10 @@ def parse_header(data: Union[bytes, memoryview]) -> Header:
         raise WireError("bad magic")
     if version != VERSION:
         raise WireError(f"unsupported version {version}")
-    try:
-        packet_type = PacketType(ptype)
-    except ValueError:
-        raise WireError(f"unknown packet type {ptype}") from None
-    return Header(packet_type, session_id, origin, Flags(flags))
+    packet_type = _PACKET_TYPES.get(ptype)
+    if packet_type is None:
+        raise WireError(f"unknown packet type {ptype}")
+    return Header(packet_type, session_id, origin, flags)
 
 
 def parse(data: Union[bytes, memoryview]) -> Packet:

@@ -34,6 +34,8 @@ class ReceiverConfig:
     #: Give up when nothing has come from the sender for this long.
     timeout: float = 30.0
     status_interval: float = 1.0
+    #: The first STATUS (our join) is repeated this soon, as the sender may miss it.
+    join_repeat: float = 0.05
     #: Copies of DONE sent (spaced by ``done_spacing``) before finishing.
     done_copies: int = 3
     done_spacing: float = 0.02
@@ -108,6 +110,7 @@ class Receiver:
         self._frontier = 0  # blocks below this were fully sent in the data pass
         self._last_heard = 0.0
         self._next_status: Optional[float] = None
+        self._statuses_sent = 0
         self._verified: Optional[bytes] = None
         self._done_remaining = 0
         self._next_done = 0.0
@@ -177,7 +180,10 @@ class Receiver:
             return
         if self._next_status is not None and now >= self._next_status:
             self._send_status()
-            self._next_status = now + self.config.status_interval
+            self._statuses_sent += 1
+            interval = self.config.status_interval
+            self._next_status = now + (self.config.join_repeat if self._statuses_sent == 1
+                                       else interval)
         if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
             self._nacks.nack_at = None
             self._send_nack(now)
@@ -297,7 +303,7 @@ class Receiver:
             if not self._done[block]:
                 self._nacks.add(block, now)
         self._frontier = frontier
-        if self._timing is not None:
+        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
             self._nacks.arm(now, self._timing)
 
     def _on_data(self, header: wire.Header, data: wire.Data, now: float) -> None:

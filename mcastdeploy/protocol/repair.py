@@ -128,6 +128,7 @@ class NackScheduler:
         self._due: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self.nack_at: float | None = None
+        self._armed_for = 0.0
         #: No new NACK before this: the sender is still busy with what was last asked, and
         #: asking faster than it can answer only queues duplicate rounds.
         self.quiet_until = 0.0
@@ -153,12 +154,19 @@ class NackScheduler:
         return None
 
     def arm(self, now: float, timing: NackTiming) -> None:
-        """Start the random back-off if something is due and no NACK is pending."""
-        if self.nack_at is None:
-            due = self.earliest_due()
-            if due is not None:
-                start = max(now, due, self.quiet_until)
-                self.nack_at = start + self._rng.uniform(0, timing.backoff_max())
+        """Schedule the next NACK after a random back-off from when something is due.
+
+        Called whenever blocks become due; an armed timer is pulled earlier when a block
+        is now due sooner than the one it was armed for (a newly owed block must not wait
+        behind another block's retry).
+        """
+        due = self.earliest_due()
+        if due is None:
+            return
+        start = max(now, due, self.quiet_until)
+        if self.nack_at is None or start < self._armed_for:
+            self._armed_for = start
+            self.nack_at = start + self._rng.uniform(0, timing.backoff_max())
 
     def take_due(self, now: float, limit: int) -> list[int]:
         """Pop up to ``limit`` blocks whose time has come, earliest first."""

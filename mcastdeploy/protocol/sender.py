@@ -41,6 +41,9 @@ class SenderConfig:
     wait: Optional[float] = None
     #: After the pass, finish when nobody has asked for anything for this long.
     linger: float = 5.0
+    #: Even when every known receiver is done, stay this long after the last request:
+    #: a receiver whose STATUS was lost is unknown to us until it asks for what it lacks.
+    flush: float = 0.2
     grtt: float = 0.01
     #: Unicast address receivers send NACK/STATUS to; "0.0.0.0" means the datagrams' source.
     reply_host: str = "0.0.0.0"
@@ -220,9 +223,14 @@ class Sender:
         deadlines = [self._next_announce]
         if self.state is SenderState.WAITING and self.config.wait is not None:
             deadlines.append(self._started_at + self.config.wait)
-        if self.state is SenderState.REPAIRING:
-            deadlines.append(self._last_request + self.config.linger)
-        if self._has_data_to_send() and self._bucket is not None:
+        if self.state is SenderState.REPAIRING and not (self._repair or self._ready_repair):
+            # Only while no repair is owed: until then _maybe_finish cannot act on it, and
+            # a deadline in the past would wake the driver in a busy loop.
+            deadlines.append(self._last_request + self._end_quiet())
+        # Wake at the pacing time also when only a block is missing, so that the driver
+        # supplies it (blocks_wanted) and the pass or repair goes on at the full rate.
+        wants_blocks = self.state is not SenderState.WAITING and bool(self.blocks_wanted())
+        if (self._has_data_to_send() or wants_blocks) and self._bucket is not None:
             deadlines.append(self._bucket.ready_at(self._packet_bytes))
         return min(deadlines)
 
@@ -311,15 +319,27 @@ class Sender:
             self._next_announce = now  # tell everyone at once that the pass begins
             self._events.append(events.TransferStarted(len(self.receivers)))
 
+    def _all_done(self) -> bool:
+        known = len(self.receivers)
+        return (known > 0 and known >= self.config.min_receivers
+                and all(record.done for record in self.receivers.values()))
+
+    def _end_quiet(self) -> float:
+        """How long after the last request the sender may end: ``flush`` once every known
+        receiver is done (to hear from receivers we never heard of), else ``linger``."""
+        linger = self.config.linger
+        return min(self.config.flush, linger) if self._all_done() else linger
+
     def _maybe_finish(self, now: float) -> None:
         if self.state is not SenderState.REPAIRING or self._repair or self._ready_repair:
             return
+        if now < self._last_request + self._end_quiet():
+            return
         known = len(self.receivers)
         done = sum(1 for record in self.receivers.values() if record.done)
-        if known and known == done and known >= self.config.min_receivers:
-            self._finish("every receiver is done", known, done, now)
-        elif now >= self._last_request + self.config.linger:
-            self._finish(f"nothing asked for {self.config.linger:g} s", known, done, now)
+        reason = ("every receiver is done" if self._all_done()
+                  else f"nothing asked for {self.config.linger:g} s")
+        self._finish(reason, known, done, now)
 
     def _finish(self, reason: str, known: int, done: int, now: float) -> None:
         self.state = SenderState.FINISHED
@@ -413,5 +433,9 @@ class Sender:
                 self._ready_repair.append((block, symbol, row.tobytes()))
         block, symbol, payload = self._ready_repair.popleft()
         self.stats.repair_packets += 1
+        if not self._ready_repair and not self._repair:
+            # The quiet time before ending counts from the last repair sent, not from the
+            # request: after a long backlog receivers must still get time to ask again.
+            self._last_request = now
         return wire.encode_data_header(self.config.session_id, self.origin, block, symbol,
                                        wire.Flags.REPAIR) + payload

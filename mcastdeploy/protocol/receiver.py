@@ -150,6 +150,8 @@ class Receiver:
             # DATA before ANNOUNCE (we cannot place it yet), or a sender we do not follow.
             if isinstance(body, wire.Data):
                 self.stats.early_packets += 1
+            elif isinstance(body, wire.End) and self.sender_id is None:
+                self._fail("the session ended before this receiver could join it")
             elif self.sender_id is not None:
                 self.stats.foreign_packets += 1
         elif isinstance(body, wire.Data):

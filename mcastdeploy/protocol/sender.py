@@ -101,6 +101,7 @@ class SenderStats:
 
 
 _END_COPIES = 3
+_WAITING_ANNOUNCE_INTERVAL = 0.1
 
 
 class Sender:
@@ -246,7 +247,11 @@ class Sender:
         if now >= self._next_announce:
             out.append((self._announce(), group))
             self.stats.announce_packets += 1
-            self._next_announce = now + self.config.announce_interval
+            interval = self.config.announce_interval
+            if self.state is SenderState.WAITING:
+                # Receivers can only join on an ANNOUNCE: gather them quickly.
+                interval = min(interval, _WAITING_ANNOUNCE_INTERVAL)
+            self._next_announce = now + interval
         if self.state is not SenderState.WAITING:
             assert self._bucket is not None
             while len(out) < self.config.max_batch:

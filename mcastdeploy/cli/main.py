@@ -95,6 +95,19 @@ def _load_spec(path: str, group: Optional[str], port: Optional[int],
     return spec.replace(group=group, port=port, interface=interface, rate_bps=rate)
 
 
+def _run_and_report(label: str, progress: str, as_json: bool,
+                    run: Callable[..., Any]) -> None:
+    """Run a transfer with a progress display, print its summary, exit 1 if it failed."""
+    display = ProgressDisplay(progress, label)
+    try:
+        summary = run(on_progress=display)
+    finally:
+        display.close()
+    _report(summary, as_json)
+    if not summary.ok:
+        raise CommandError(summary.reason, EXIT_FAILED)
+
+
 def _report(summary: Any, as_json: bool) -> None:
     record = summary.as_dict()
     if as_json:
@@ -201,15 +214,8 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
          rate: Optional[int], as_json: bool, progress: str, image: str) -> None:
     """Multicast IMAGE to every receiver of the session."""
     spec = _load_spec(session_path, group, port, interface, rate)
-    display = ProgressDisplay(progress, "send")
-    try:
-        summary = run_send(spec, image, min_receivers=min_receivers, wait=wait, linger=linger,
-                           on_progress=display)
-    finally:
-        display.close()
-    _report(summary, as_json)
-    if not summary.ok:
-        raise CommandError(summary.reason, EXIT_FAILED)
+    _run_and_report("send", progress, as_json, functools.partial(
+        run_send, spec, image, min_receivers=min_receivers, wait=wait, linger=linger))
 
 
 @main.command()
@@ -226,14 +232,8 @@ def recv(session_path: str, timeout: float, group: Optional[str], port: Optional
          target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)
-    display = ProgressDisplay(progress, "recv")
-    try:
-        summary = run_recv(spec, target, timeout=timeout, on_progress=display)
-    finally:
-        display.close()
-    _report(summary, as_json)
-    if not summary.ok:
-        raise CommandError(summary.reason, EXIT_FAILED)
+    _run_and_report("recv", progress, as_json,
+                    functools.partial(run_recv, spec, target, timeout=timeout))
 
 
 @main.command()

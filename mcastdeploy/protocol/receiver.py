@@ -21,6 +21,7 @@ from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming
 
 Address = tuple
@@ -133,16 +134,10 @@ class Receiver:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
             return
-        try:
-            packet = wire.parse(data)
-        except wire.WireError:
-            self.stats.invalid_packets += 1
+        packet = admit(data, self.config.session_id, self.stats)
+        if packet is None:
             return
-        header = packet.header
-        if header.session_id != self.config.session_id:
-            self.stats.foreign_packets += 1
-            return
-        body = packet.body
+        header, body = packet.header, packet.body
         self.stats.packets_received += 1
         if isinstance(body, wire.Announce):
             self._on_announce(header, body, addr, now)

@@ -19,6 +19,7 @@ from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.pacing import TokenBucket
 from mcastdeploy.protocol.repair import RepairQueue
 
@@ -181,16 +182,10 @@ class Sender:
         self._maybe_begin(now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        try:
-            packet = wire.parse(data)
-        except wire.WireError:
-            self.stats.invalid_packets += 1
+        packet = admit(data, self.config.session_id, self.stats)
+        if packet is None:
             return
-        header = packet.header
-        if header.session_id != self.config.session_id:
-            self.stats.foreign_packets += 1
-            return
-        body = packet.body
+        header, body = packet.header, packet.body
         if isinstance(body, (wire.Announce, wire.Data, wire.End)):
             # Our own multicast looped back, or another sender on our group: not for us.
             if header.origin != self.origin:

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcastdeploy import wire
-from mcastdeploy.wire.packets import DATA_BODY, HEADER, MAGIC, NACK_COUNT, NACK_ENTRY, VERSION
+from mcastdeploy.wire.packets import (DATA_BODY, ECHO, HEADER, MAGIC, NACK_COUNT, NACK_ENTRY,
+                                      VERSION)
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow])
@@ -51,15 +52,17 @@ def announces(draw: st.DrawFn) -> wire.Announce:
         checksum=draw(checksums),
         sender_host=draw(hosts),
         sender_port=draw(st.integers(0, 65535)),
+        timestamp_us=draw(st.integers(0, U64)),
     )
 
 
 datas = st.builds(wire.Data, block=st.integers(0, U32), symbol=st.integers(0, wire.MAX_SYMBOL_ID),
                   payload=st.binary(min_size=1, max_size=1500))
-nacks = st.builds(
-    wire.Nack,
-    needs=st.lists(st.tuples(st.integers(0, U32), st.integers(1, 255)),
-                   min_size=1, max_size=wire.MAX_NACK_ENTRIES).map(tuple))
+block_counts = st.lists(st.tuples(st.integers(0, U32), st.integers(1, 255)),
+                        min_size=1, max_size=wire.MAX_NACK_ENTRIES).map(tuple)
+nacks = st.builds(wire.Nack, needs=block_counts, echo_us=st.integers(0, U64),
+                  hold_us=st.integers(0, U32))
+notices = st.builds(wire.RepairNotice, scheduled=block_counts)
 
 
 @st.composite
@@ -68,11 +71,12 @@ def statuses(draw: st.DrawFn) -> wire.Status:
     return wire.Status(state=draw(st.sampled_from(list(wire.ReceiverState))),
                        blocks_done=draw(st.integers(0, count)), block_count=count,
                        packets_received=draw(st.integers(0, U64)),
-                       packets_lost=draw(st.integers(0, U64)), nacks_sent=draw(st.integers(0, U32)))
+                       packets_lost=draw(st.integers(0, U64)), nacks_sent=draw(st.integers(0, U32)),
+                       echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)))
 
 
-bodies = st.one_of(announces(), datas, nacks, statuses(), st.builds(wire.Done, checksum=checksums),
-                   st.just(wire.End()))
+bodies = st.one_of(announces(), datas, nacks, notices, statuses(),
+                   st.builds(wire.Done, checksum=checksums), st.just(wire.End()))
 
 
 @st.composite
@@ -200,7 +204,8 @@ def _rejects(data: bytes, match: str) -> None:
 
 def _announce_body(**changes: object) -> bytes:
     fields = dict(size=10_000, sym=1000, k=4, blocks=3, next_block=0, rate=10**8, grtt=10_000,
-                  group=1, proactive=1, checksum=bytes(32), family=4, addr=bytes(16), port=0)
+                  group=1, proactive=1, checksum=bytes(32), family=4, addr=bytes(16), port=0,
+                  timestamp=0)
     fields.update(changes)
     return wire.Announce.BODY.pack(*fields.values())
 
@@ -226,31 +231,42 @@ def test_reject_other_versions(version: int) -> None:
     _rejects(_raw(wire.PacketType.END, b"", version=version), "version")
 
 
-@pytest.mark.parametrize("ptype", [0, 7, 255])
+@pytest.mark.parametrize("ptype", [0, 8, 255])
 def test_reject_unknown_type(ptype: int) -> None:
     _rejects(_raw(ptype, b""), "unknown packet type")
 
 
+def test_reject_repair_notice_entry_counts() -> None:
+    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, NACK_COUNT.pack(0)), "entries")
+    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, NACK_COUNT.pack(1) + NACK_ENTRY.pack(3, 0)),
+             "zero symbols")
+
+
+def _nack(body: bytes, echo: int = 0, hold: int = 0) -> bytes:
+    return _raw(wire.PacketType.NACK, ECHO.pack(echo, hold) + body)
+
+
 def test_reject_nack_entry_counts() -> None:
-    _rejects(_raw(wire.PacketType.NACK, NACK_COUNT.pack(0)), "entries")
+    _rejects(_nack(NACK_COUNT.pack(0)), "entries")
     too_many = wire.MAX_NACK_ENTRIES + 1
     entries = NACK_ENTRY.pack(0, 1) * too_many
-    _rejects(_raw(wire.PacketType.NACK, NACK_COUNT.pack(too_many) + entries), "entries")
+    _rejects(_nack(NACK_COUNT.pack(too_many) + entries), "entries")
     full = NACK_COUNT.pack(wire.MAX_NACK_ENTRIES) + NACK_ENTRY.pack(7, 1) * wire.MAX_NACK_ENTRIES
-    assert len(wire.parse(_raw(wire.PacketType.NACK, full)).body.needs) == wire.MAX_NACK_ENTRIES
+    assert len(wire.parse(_nack(full)).body.needs) == wire.MAX_NACK_ENTRIES
     for needs in ((), ((0, 1),) * too_many):
         with pytest.raises(wire.WireError):
             wire.encode(1, 2, wire.Nack(needs))
 
 
 def test_reject_nack_zero_need_and_wrong_length() -> None:
-    _rejects(_raw(wire.PacketType.NACK, NACK_COUNT.pack(2) + NACK_ENTRY.pack(1, 3)
-                  + NACK_ENTRY.pack(2, 0)), "zero")
+    _rejects(_nack(NACK_COUNT.pack(2) + NACK_ENTRY.pack(1, 3) + NACK_ENTRY.pack(2, 0)), "zero")
     body = NACK_COUNT.pack(2) + NACK_ENTRY.pack(1, 3) + NACK_ENTRY.pack(2, 4)
-    assert wire.parse(_raw(wire.PacketType.NACK, body)).body.needs == ((1, 3), (2, 4))
-    _rejects(_raw(wire.PacketType.NACK, body[:-1]), "length")
-    _rejects(_raw(wire.PacketType.NACK, body + b"\0"), "length")
+    parsed = wire.parse(_nack(body, echo=123, hold=45)).body
+    assert (parsed.needs, parsed.echo_us, parsed.hold_us) == (((1, 3), (2, 4)), 123, 45)
+    _rejects(_nack(body[:-1]), "length")
+    _rejects(_nack(body + b"\0"), "length")
     _rejects(_raw(wire.PacketType.NACK, b"\0"), "truncated")
+    _rejects(_nack(b"\0"), "truncated")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -275,10 +291,12 @@ def test_reject_announce_wrong_length() -> None:
 
 def test_reject_status_done_beyond_count_and_unknown_state() -> None:
     layout = wire.Status.BODY
-    ok = wire.parse(_raw(wire.PacketType.STATUS, layout.pack(3, 5, 5, 1, 0, 0))).body
+    ok = wire.parse(_raw(wire.PacketType.STATUS, layout.pack(3, 5, 5, 1, 0, 0, 9, 8))).body
     assert ok.state is wire.ReceiverState.DONE and ok.blocks_done == ok.block_count == 5
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 6, 5, 1, 0, 0)), "more blocks done")
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 5, 1, 0, 0)), "unknown state")
+    assert (ok.echo_us, ok.hold_us) == (9, 8)
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 6, 5, 1, 0, 0, 0, 0)),
+             "more blocks done")
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 5, 1, 0, 0, 0, 0)), "unknown state")
 
 
 def test_reject_bad_data_end_done() -> None:

@@ -69,6 +69,7 @@ class ReceiverStats:
     invalid_packets: int = 0
     foreign_packets: int = 0
     nacks_sent: int = 0
+    nacks_suppressed: int = 0  # block entries not asked for: a REPAIR_NOTICE covered them
     symbols_requested: int = 0
     blocks_recovered: int = 0  # blocks that needed the FEC decoder (a source symbol was lost)
 
@@ -112,6 +113,7 @@ class Receiver:
         self._last_heard = 0.0
         self._next_status: Optional[float] = None
         self._statuses_sent = 0
+        self._echo: Optional[tuple[int, float]] = None  # last ANNOUNCE timestamp, arrival
         self._verified: Optional[bytes] = None
         self._done_remaining = 0
         self._next_done = 0.0
@@ -152,6 +154,9 @@ class Receiver:
         elif isinstance(body, wire.Data):
             self._last_heard = now
             self._on_data(header, body, now)
+        elif isinstance(body, wire.RepairNotice):
+            self._last_heard = now
+            self._on_repair_notice(body, now)
         elif isinstance(body, wire.End):
             self._last_heard = now
             if self.phase is ReceiverPhase.RECEIVING:
@@ -176,7 +181,7 @@ class Receiver:
             self._fail(f"{what} from the sender for {self.config.timeout:g} s")
             return
         if self._next_status is not None and now >= self._next_status:
-            self._send_status()
+            self._send_status(now)
             self._statuses_sent += 1
             interval = self.config.status_interval
             self._next_status = now + (self.config.join_repeat if self._statuses_sent == 1
@@ -213,7 +218,14 @@ class Receiver:
         if self.sender_address is not None:
             self._outbox.append((self._encode(body), self.sender_address))
 
-    def _send_status(self) -> None:
+    def _echo_fields(self, now: Optional[float]) -> dict[str, int]:
+        """The round-trip echo for the sender (none when we have no time or no ANNOUNCE)."""
+        if self._echo is None or now is None or not self._echo[0]:
+            return {}
+        timestamp, arrived = self._echo
+        return {"echo_us": timestamp, "hold_us": min(int((now - arrived) * 1e6), 2**32 - 1)}
+
+    def _send_status(self, now: Optional[float] = None) -> None:
         geometry = self.geometry
         self._send(wire.Status(
             state=_WIRE_STATE[self.phase],
@@ -222,6 +234,7 @@ class Receiver:
             packets_received=self.stats.packets_received,
             packets_lost=self.packets_lost,
             nacks_sent=self.stats.nacks_sent,
+            **self._echo_fields(now),
         ))
 
     def _send_done(self, now: float) -> None:
@@ -265,6 +278,7 @@ class Receiver:
             # Same image from a new sender instance (restarted): follow it, keep our blocks.
             self.sender_id = header.origin
         self._last_heard = now
+        self._echo = (announce.timestamp_us, now)
         host = addr[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
         self.sender_address = (host, announce.sender_port or addr[1])
         self._proactive = announce.proactive_repair
@@ -339,6 +353,20 @@ class Receiver:
         if partial.have >= k:
             self._complete_block(block, partial, now)
 
+    def _on_repair_notice(self, notice: wire.RepairNotice, now: float) -> None:
+        """Blocks whose repair, asked by someone, will cover our need need no NACK of ours."""
+        geometry, timing = self.geometry, self._timing
+        if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING:
+            return
+        for block, coming in notice.scheduled:
+            if block >= geometry.block_count or self._done[block]:
+                continue
+            partial = self._partial.get(block)
+            need = geometry.symbols_in(block) - (partial.have if partial else 0)
+            if need <= coming:
+                self._nacks.covered(block, now, timing.retry_after(coming))
+                self.stats.nacks_suppressed += 1
+
     def _note_pass_packet(self, block: int, symbol: int) -> None:
         assert self.geometry is not None
         position = block * (self.geometry.block_symbols + self._proactive) + symbol
@@ -382,7 +410,7 @@ class Receiver:
         for block in blocks:
             self._nacks.asked(block, now, wait)
         self._nacks.quiet_until = now + timing.drain(owed)
-        self._send(wire.Nack(tuple(needs)))
+        self._send(wire.Nack(tuple(needs), **self._echo_fields(now)))
         self.stats.nacks_sent += 1
         self.stats.symbols_requested += owed
         self._nacks.arm(now, timing)
@@ -394,6 +422,6 @@ class Receiver:
             self._fail("the image written does not match the sender's SHA-256")
             return
         self.phase = ReceiverPhase.DONE
-        self._send_status()
+        self._send_status(now)
         self._done_remaining = self.config.done_copies
         self._send_done(now)

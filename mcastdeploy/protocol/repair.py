@@ -7,6 +7,7 @@ back-off and retry) can be tuned or swapped without touching packet handling.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from mcastdeploy.wire import MAX_SYMBOL_ID
 _ID_SPACE = MAX_SYMBOL_ID + 1
 #: Upper bound of a receiver's wait between two NACKs for one block.
 MAX_RETRY_WAIT = 2.0
+#: NACK back-off spread in group round trips, for groups of more than one receiver.
+BACKOFF_RTTS = 4.0
 
 
 class RepairQueue:
@@ -58,6 +61,10 @@ class RepairQueue:
         self._owed[block] = need
         return True
 
+    def owed(self, block: int) -> int:
+        """Symbols still to send for ``block`` in the current round."""
+        return self._owed.get(block, 0)
+
     def head(self) -> int | None:
         return next(iter(self._owed), None)
 
@@ -96,14 +103,22 @@ class NackTiming:
     packet_bytes: int
 
     def backoff_max(self) -> float:
-        """Random delay spread before a NACK, so that one receiver's NACK can come first.
+        """Longest random delay before a NACK: a few group round trips (NORM's K = 4),
+        long enough for the sender's REPAIR_NOTICE to reach everyone still waiting."""
+        return max(0.002, BACKOFF_RTTS * self.grtt) if self.group_size > 1 else \
+            max(0.002, self.grtt)
 
-        Grows with the group so that in large groups most receivers hear that repair is on
-        its way before their own timer fires (suppression comes in a later protocol step;
-        the spread is already scaled for it).
+    def backoff(self, rng: random.Random) -> float:
+        """A random NACK delay from a truncated exponential on [0, backoff_max].
+
+        Most receivers draw a delay near the maximum and only a few near zero, so in a
+        group of N the first NACK comes early and the REPAIR_NOTICE it triggers silences
+        the rest; lambda = ln(N) + 1 keeps the expected number of NACKs per loss event
+        near one whatever N is (Nonnenmacher and Biersack; NORM, RFC 5740).
         """
-        spread = 1.0 if self.group_size <= 1 else min(4.0, 1.0 + self.group_size.bit_length() / 4)
-        return max(0.002, self.grtt * spread)
+        spread = self.backoff_max()
+        lam = math.log(max(self.group_size, 1)) + 1.0
+        return spread / lam * math.log1p(rng.random() * math.expm1(lam))
 
     def drain(self, symbols: int) -> float:
         """Seconds the sender needs to send ``symbols`` at its announced rate."""
@@ -166,7 +181,7 @@ class NackScheduler:
         start = max(now, due, self.quiet_until)
         if self.nack_at is None or start < self._armed_for:
             self._armed_for = start
-            self.nack_at = start + self._rng.uniform(0, timing.backoff_max())
+            self.nack_at = start + timing.backoff(self._rng)
 
     def take_due(self, now: float, limit: int) -> list[int]:
         """Pop up to ``limit`` blocks whose time has come, earliest first."""
@@ -183,6 +198,14 @@ class NackScheduler:
         """``block`` went out in a NACK; it is due again after ``wait`` unless it completes."""
         attempt = self._attempts.get(block, 0)
         self._attempts[block] = attempt + 1
-        due = now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT)
+        self._reschedule(block, now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT))
+
+    def covered(self, block: int, now: float, wait: float) -> None:
+        """Repair for ``block`` is on its way for someone else's NACK: wait for it, as if
+        we had asked, without counting a retry of our own."""
+        if block in self._due:
+            self._reschedule(block, now + min(wait, MAX_RETRY_WAIT))
+
+    def _reschedule(self, block: int, due: float) -> None:
         self._due[block] = due
         heapq.heappush(self._heap, (due, block))

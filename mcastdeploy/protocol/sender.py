@@ -22,6 +22,7 @@ from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.pacing import TokenBucket
 from mcastdeploy.protocol.repair import RepairQueue
+from mcastdeploy.protocol.rtt import GroupRtt
 
 Address = tuple
 
@@ -45,6 +46,7 @@ class SenderConfig:
     #: Even when every known receiver is done, stay this long after the last request:
     #: a receiver whose STATUS was lost is unknown to us until it asks for what it lacks.
     flush: float = 0.2
+    #: Group round-trip guess until receivers' echoes measure it.
     grtt: float = 0.01
     #: Unicast address receivers send NACK/STATUS to; "0.0.0.0" means the datagrams' source.
     reply_host: str = "0.0.0.0"
@@ -93,6 +95,7 @@ class SenderStats:
     proactive_packets: int = 0
     repair_packets: int = 0
     announce_packets: int = 0
+    notice_packets: int = 0
     nacks_received: int = 0
     nack_entries: int = 0
     repairs_requested: int = 0
@@ -123,8 +126,11 @@ class Sender:
         self._last_request = 0.0
         self._events: deque[events.Event] = deque()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.grtt = GroupRtt(config.grtt)
         self._repair = RepairQueue(holdoff=self._holdoff())
         self._ready_repair: deque[tuple[int, int, bytes]] = deque()
+        #: Repair accepted since the last REPAIR_NOTICE went out: block -> symbols coming.
+        self._notices: dict[int, int] = {}
         self._repair_credit = 0.0
         self._pass_block = 0
         self._pass_symbol = 0
@@ -186,12 +192,14 @@ class Sender:
         if packet is None:
             return
         header, body = packet.header, packet.body
-        if isinstance(body, (wire.Announce, wire.Data, wire.End)):
+        if isinstance(body, (wire.Announce, wire.Data, wire.End, wire.RepairNotice)):
             # Our own multicast looped back, or another sender on our group: not for us.
             if header.origin != self.origin:
                 self.stats.foreign_packets += 1
             return
         record = self._record(header.origin, addr, now)
+        if isinstance(body, (wire.Nack, wire.Status)):
+            self._rtt_echo(body.echo_us, body.hold_us, now)
         if isinstance(body, wire.Nack):
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
@@ -240,13 +248,22 @@ class Sender:
             self._count(out)
             return out
         if now >= self._next_announce:
-            out.append((self._announce(), group))
+            out.append((self._announce(now), group))
+            self.grtt.end_window()
             self.stats.announce_packets += 1
             interval = self.config.announce_interval
             if self.state is SenderState.WAITING:
                 # Receivers can only join on an ANNOUNCE: gather them quickly.
                 interval = min(interval, _WAITING_ANNOUNCE_INTERVAL)
             self._next_announce = now + interval
+        if self._notices:
+            # Unpaced: tiny, and their whole point is to arrive before other NACKs leave.
+            entries = list(self._notices.items())
+            self._notices.clear()
+            for start in range(0, len(entries), wire.MAX_NACK_ENTRIES):
+                chunk = tuple(entries[start:start + wire.MAX_NACK_ENTRIES])
+                out.append((self._encode(wire.RepairNotice(chunk)), group))
+                self.stats.notice_packets += 1
         if self.state is not SenderState.WAITING:
             assert self._bucket is not None
             while len(out) < self.config.max_batch:
@@ -267,7 +284,12 @@ class Sender:
     # -- internals ------------------------------------------------------------------------
 
     def _holdoff(self) -> float:
-        return max(2 * self.config.grtt, 0.005)
+        return max(2 * self.grtt.value, 0.002)
+
+    def _rtt_echo(self, echo_us: int, hold_us: int, now: float) -> None:
+        if echo_us:
+            self.grtt.sample(now - echo_us / 1e6 - hold_us / 1e6)
+            self._repair.holdoff = self._holdoff()
 
     def _count(self, out: list[tuple[bytes, Address]]) -> None:
         self.stats.packets_sent += len(out)
@@ -285,7 +307,7 @@ class Sender:
     def _encode(self, body: wire.packets.Body, flags: wire.Flags = wire.Flags.NONE) -> bytes:
         return wire.encode(self.config.session_id, self.origin, body, flags)
 
-    def _announce(self) -> bytes:
+    def _announce(self, now: float) -> bytes:
         flags = wire.Flags.NONE
         if self.checksum is not None:
             flags |= wire.Flags.CHECKSUM_KNOWN
@@ -300,12 +322,13 @@ class Sender:
             block_count=self.geometry.block_count,
             next_block=self._pass_block,
             rate_bps=int(self.config.rate_bps),
-            grtt_us=int(self.config.grtt * 1e6),
+            grtt_us=int(self.grtt.value * 1e6),
             group_size=max(1, len(self.receivers)),
             proactive_repair=self.config.proactive_repair,
             checksum=self.checksum or bytes(32),
             sender_host=self.config.reply_host,
             sender_port=self.config.reply_port,
+            timestamp_us=max(1, int(now * 1e6)),
         ), flags)
 
     def _maybe_begin(self, now: float) -> None:
@@ -358,6 +381,7 @@ class Sender:
             if self._repair.request(block, need, now):
                 self.stats.repairs_requested += need
                 self._last_request = now
+                self._notices[block] = self._repair.owed(block)
             else:
                 self.stats.nack_entries_suppressed += 1
 

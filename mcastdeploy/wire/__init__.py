@@ -16,6 +16,7 @@ from mcastdeploy.wire.packets import (
     Packet,
     PacketType,
     ReceiverState,
+    RepairNotice,
     Status,
     WireError,
     encode,
@@ -27,6 +28,6 @@ from mcastdeploy.wire.packets import (
 __all__ = [
     "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_NACK_ENTRIES", "MAX_SYMBOL_ID",
     "Announce", "Data", "Done", "End", "Flags", "Header", "Nack", "Packet", "PacketType",
-    "ReceiverState", "Status", "WireError", "encode", "encode_data_header", "parse",
+    "ReceiverState", "RepairNotice", "Status", "WireError", "encode", "encode_data_header", "parse",
     "parse_header",
 ]

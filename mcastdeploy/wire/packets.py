@@ -52,6 +52,7 @@ class PacketType(enum.IntEnum):
     STATUS = 4  # receiver -> sender (unicast): progress and loss
     DONE = 5  # receiver -> sender (unicast): image complete and verified
     END = 6  # sender -> group: the session is over, no more repair will come
+    REPAIR_NOTICE = 7  # sender -> group: repair just scheduled, per block (NACK suppression)
 
 
 class Flags(enum.IntFlag):
@@ -81,7 +82,7 @@ class Announce:
     """Everything a receiver needs to join, repeated periodically so late joiners can."""
 
     TYPE: ClassVar[PacketType] = PacketType.ANNOUNCE
-    BODY: ClassVar[struct.Struct] = struct.Struct("!QHBxIIQIII32sB16sH")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!QHBxIIQIII32sB16sHQ")
 
     image_size: int
     symbol_size: int
@@ -95,6 +96,9 @@ class Announce:
     checksum: bytes  # SHA-256 of the whole image (valid with Flags.CHECKSUM_KNOWN)
     sender_host: str  # where NACK/STATUS go; "0.0.0.0" means "the source address"
     sender_port: int
+    #: The sender's clock when sent (microseconds); receivers echo it so the sender can
+    #: measure round trips without synchronised clocks.
+    timestamp_us: int = 0
 
     def body(self) -> bytes:
         ip = ipaddress.ip_address(self.sender_host)
@@ -112,12 +116,13 @@ class Announce:
             ip.version,
             ip.packed.ljust(16, b"\0"),
             self.sender_port,
+            self.timestamp_us,
         )
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Announce":
         (size, sym, k, blocks, next_block, rate, grtt, group, proactive, checksum, family, addr,
-         port) = _unpack_exact(cls.BODY, body, "ANNOUNCE")
+         port, timestamp) = _unpack_exact(cls.BODY, body, "ANNOUNCE")
         if family == 4:
             host = str(ipaddress.IPv4Address(addr[:4]))
         elif family == 6:
@@ -138,7 +143,7 @@ class Announce:
         if next_block > blocks:
             raise WireError("ANNOUNCE: next block beyond the last block")
         return cls(size, sym, k, blocks, next_block, rate, grtt, group, proactive, bytes(checksum),
-                   host, port)
+                   host, port, timestamp)
 
 
 DATA_BODY = struct.Struct("!IB3x")
@@ -168,9 +173,33 @@ class Data:
 
 
 NACK_ENTRY = struct.Struct("!IB")
+#: Round-trip echo carried by NACK and STATUS: ANNOUNCE timestamp, microseconds held.
+ECHO = struct.Struct("!QI")
 NACK_COUNT = struct.Struct("!H")
 #: Keeps a NACK inside one 1500-byte Ethernet frame.
 MAX_NACK_ENTRIES = 250
+
+
+def _pack_block_counts(name: str, entries: tuple[tuple[int, int], ...]) -> bytes:
+    if not 1 <= len(entries) <= MAX_NACK_ENTRIES:
+        raise WireError(f"{name}: {len(entries)} entries, 1..{MAX_NACK_ENTRIES} allowed")
+    parts = [NACK_COUNT.pack(len(entries))]
+    parts.extend(NACK_ENTRY.pack(block, count) for block, count in entries)
+    return b"".join(parts)
+
+
+def _unpack_block_counts(name: str, body: memoryview) -> tuple[tuple[int, int], ...]:
+    if len(body) < NACK_COUNT.size:
+        raise WireError(f"{name}: truncated")
+    (count,) = NACK_COUNT.unpack_from(body)
+    if not 1 <= count <= MAX_NACK_ENTRIES:
+        raise WireError(f"{name}: {count} entries, 1..{MAX_NACK_ENTRIES} allowed")
+    if len(body) != NACK_COUNT.size + count * NACK_ENTRY.size:
+        raise WireError(f"{name}: length does not match entry count")
+    entries = tuple(NACK_ENTRY.iter_unpack(body[NACK_COUNT.size:]))
+    if any(symbols == 0 for _, symbols in entries):
+        raise WireError(f"{name}: an entry counts zero symbols")
+    return entries
 
 
 @dataclass(frozen=True)
@@ -180,27 +209,39 @@ class Nack:
     TYPE: ClassVar[PacketType] = PacketType.NACK
 
     needs: tuple[tuple[int, int], ...]  # (block, symbols needed)
+    echo_us: int = 0  # the last ANNOUNCE's timestamp (0: none heard yet)
+    hold_us: int = 0  # how long ago it arrived, so the sender can subtract it
 
     def body(self) -> bytes:
-        if not 1 <= len(self.needs) <= MAX_NACK_ENTRIES:
-            raise WireError(f"NACK: {len(self.needs)} entries, 1..{MAX_NACK_ENTRIES} allowed")
-        parts = [NACK_COUNT.pack(len(self.needs))]
-        parts.extend(NACK_ENTRY.pack(block, need) for block, need in self.needs)
-        return b"".join(parts)
+        return ECHO.pack(self.echo_us, self.hold_us) + _pack_block_counts("NACK", self.needs)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Nack":
-        if len(body) < NACK_COUNT.size:
+        if len(body) < ECHO.size:
             raise WireError("NACK: truncated")
-        (count,) = NACK_COUNT.unpack_from(body)
-        if not 1 <= count <= MAX_NACK_ENTRIES:
-            raise WireError(f"NACK: {count} entries, 1..{MAX_NACK_ENTRIES} allowed")
-        if len(body) != NACK_COUNT.size + count * NACK_ENTRY.size:
-            raise WireError("NACK: length does not match entry count")
-        needs = tuple(NACK_ENTRY.iter_unpack(body[NACK_COUNT.size:]))
-        if any(need == 0 for _, need in needs):
-            raise WireError("NACK: an entry needs zero symbols")
-        return cls(needs)
+        echo, hold = ECHO.unpack_from(body)
+        return cls(_unpack_block_counts("NACK", body[ECHO.size:]), echo, hold)
+
+
+@dataclass(frozen=True)
+class RepairNotice:
+    """Repair the sender has just scheduled: (block, fresh symbols coming).
+
+    NACKs are unicast, so receivers cannot hear each other; the sender echoes what it
+    will send so that a receiver whose need is already covered keeps quiet (NORM's NACK
+    suppression, with the sender as the echo).
+    """
+
+    TYPE: ClassVar[PacketType] = PacketType.REPAIR_NOTICE
+
+    scheduled: tuple[tuple[int, int], ...]  # (block, symbols coming)
+
+    def body(self) -> bytes:
+        return _pack_block_counts("REPAIR_NOTICE", self.scheduled)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "RepairNotice":
+        return cls(_unpack_block_counts("REPAIR_NOTICE", body))
 
 
 class ReceiverState(enum.IntEnum):
@@ -216,7 +257,7 @@ class Status:
     """A receiver's progress and the loss it sees, so the sender can watch the group."""
 
     TYPE: ClassVar[PacketType] = PacketType.STATUS
-    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQI")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQIQI")
 
     state: ReceiverState
     blocks_done: int
@@ -224,21 +265,25 @@ class Status:
     packets_received: int
     packets_lost: int  # estimated from gaps in what the sender sent in its pass
     nacks_sent: int
+    echo_us: int = 0  # as in NACK
+    hold_us: int = 0
 
     def body(self) -> bytes:
         return self.BODY.pack(self.state, self.blocks_done, self.block_count,
-                              self.packets_received, self.packets_lost, self.nacks_sent)
+                              self.packets_received, self.packets_lost, self.nacks_sent,
+                              self.echo_us, self.hold_us)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Status":
-        state, done, count, received, lost, nacks = _unpack_exact(cls.BODY, body, "STATUS")
+        (state, done, count, received, lost, nacks, echo,
+         hold) = _unpack_exact(cls.BODY, body, "STATUS")
         try:
             receiver_state = ReceiverState(state)
         except ValueError:
             raise WireError(f"STATUS: unknown state {state}") from None
         if done > count:
             raise WireError("STATUS: more blocks done than exist")
-        return cls(receiver_state, done, count, received, lost, nacks)
+        return cls(receiver_state, done, count, received, lost, nacks, echo, hold)
 
 
 @dataclass(frozen=True)
@@ -275,11 +320,11 @@ class End:
         return cls()
 
 
-Body = Union[Announce, Data, Nack, Status, Done, End]
+Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice]
 
 _PACKET_TYPES = {int(member): member for member in PacketType}
 _BODY_TYPES: dict[PacketType, type] = {
-    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End)
+    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End, RepairNotice)
 }
 
 

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from mcastdeploy import wire
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.receiver import Receiver
 from mcastdeploy.protocol.sender import Sender
@@ -26,7 +27,7 @@ class SimResult:
     """What happened, for assertions and for the simulator's report."""
 
     end_time: float
-    images: dict[str, bytes]
+    images: dict[str, bytearray]  # the receivers' targets themselves (not copied)
     finished_at: dict[str, float]
     failures: dict[str, str]
     sender_events: list = field(default_factory=list)
@@ -91,9 +92,11 @@ class Simulation:
                 data, source = payload
                 self._node(host).receive_datagram(data, (source, 0), now)
                 self._after(host, now)
+            elif kind == "multicast":
+                self._deliver_multicast(payload, now)
             if self._settled():
                 break
-        return SimResult(now, {h: bytes(t) for h, t in self._targets.items()},
+        return SimResult(now, self._targets,
                          dict(self._finished), dict(self._failures), self._sender_events)
 
     # -- internals ------------------------------------------------------------------------
@@ -135,13 +138,22 @@ class Simulation:
     def _transmit(self, source: str, data: bytes, now: float) -> None:
         arrive = now + self.delay
         if source == SENDER_HOST:
-            for host in self._joined:
-                if host in self._finished or host in self._failures:
-                    continue
-                if not self.loss.dropped(host, now):
-                    self._push(arrive, "deliver", host, (data, source))
+            # One event per datagram, not per receiver: losses are drawn when it is sent.
+            hosts = [host for host in self._joined
+                     if host not in self._finished and host not in self._failures
+                     and not self.loss.dropped(host, now)]
+            if hosts:
+                self._push(arrive, "multicast", SENDER_HOST, (data, hosts))
         elif not self.loss.dropped(source, now):
             self._push(arrive, "deliver", SENDER_HOST, (data, source))
+
+    def _deliver_multicast(self, payload: tuple[bytes, list[str]], now: float) -> None:
+        data, hosts = payload
+        packet = wire.parse(data)  # once for every receiver; the sender only sends valid ones
+        address = (SENDER_HOST, 0)
+        for host in hosts:
+            self.receivers[host].receive_packet(packet, address, now)
+            self._after(host, now)
 
     def _drain_events(self, host: str, node: Node, now: float) -> None:
         while (event := node.next_event()) is not None:

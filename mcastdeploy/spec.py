@@ -47,13 +47,6 @@ def parse_rate(text: str) -> int:
     return rate
 
 
-def format_rate(bps: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if bps >= scale:
-            return f"{bps / scale:g}{unit}bit/s"
-    return f"{bps:g}bit/s"
-
-
 @dataclass(frozen=True)
 class SessionSpec:
     session_id: str  # 16 hex digits

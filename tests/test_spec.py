@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mcastdeploy.spec import SessionSpec, SpecError, format_rate, new_session, parse_rate
+from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate
 
 
 @pytest.mark.parametrize("text, bps", [
@@ -22,11 +22,6 @@ def test_parse_rate(text, bps):
 def test_parse_rate_rejects(text):
     with pytest.raises(SpecError):
         parse_rate(text)
-
-
-def test_format_rate():
-    assert format_rate(800e6) == "800Mbit/s"
-    assert format_rate(1.5e9) == "1.5Gbit/s"
 
 
 def test_new_session_defaults_and_fresh_ids():

@@ -44,9 +44,6 @@ class RepairQueue:
     def __len__(self) -> int:
         return len(self._owed)
 
-    def owed_symbols(self) -> int:
-        return sum(self._owed.values())
-
     def request(self, block: int, need: int, now: float) -> bool:
         """Record that a receiver needs ``need`` more symbols of ``block``; False if covered."""
         owed = self._owed.get(block)

@@ -169,10 +169,6 @@ class Sender:
         while len(self._cache) > self.config.block_cache:
             self._cache.popitem(last=False)
 
-    def set_checksum(self, checksum: bytes) -> None:
-        """The image's SHA-256, when it becomes known (it may be computed during the pass)."""
-        self.checksum = checksum
-
     def pass_position(self) -> int:
         """Blocks the data pass has fully sent."""
         return self._pass_block

@@ -25,7 +25,6 @@ __all__ = [
     "inverse",
     "matmul",
     "invert_matrix",
-    "invert_rows",
 ]
 
 PRIMITIVE_POLY = 0x11D
@@ -162,22 +161,20 @@ def _invert_numpy(a: np.ndarray) -> np.ndarray:
 def invert_matrix(a: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
     """Inverse of a square matrix over GF(2^8), as a new uint8 array.
 
-    Raises :class:`FecError` if the matrix is singular (never the case for
-    a square submatrix of an MDS code's parity matrix).
+    Small matrices (the decoder's per-loss-pattern systems) are inverted in plain
+    Python straight from lists, which beats NumPy's per-call overhead; larger ones
+    with NumPy.  Raises :class:`FecError` if the matrix is not square or is
+    singular (never the case for a square submatrix of an MDS code's parity matrix).
     """
-    arr = np.asarray(a, dtype=np.uint8)
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-        raise FecError(f"need a square matrix, got shape {arr.shape}")
-    n = arr.shape[0]
+    if isinstance(a, np.ndarray) and a.ndim != 2:
+        raise FecError(f"need a square matrix, got shape {a.shape}")
+    rows = a.tolist() if isinstance(a, np.ndarray) else [list(row) for row in a]
+    n = len(rows)
+    if any(len(row) != n for row in rows):
+        raise FecError(f"need a square matrix, got {n} rows of lengths "
+                       f"{sorted({len(row) for row in rows})}")
     if n == 0:
         return np.zeros((0, 0), dtype=np.uint8)
     if n <= _PYTHON_INVERT_MAX:
-        return np.array(_invert_python(arr.tolist()), dtype=np.uint8)
-    return _invert_numpy(arr)
-
-
-def invert_rows(rows: list[list[int]]) -> list[list[int]]:
-    """:func:`invert_matrix` for a small matrix already held as Python lists (decoder hot path)."""
-    if len(rows) <= _PYTHON_INVERT_MAX:
-        return _invert_python(rows)
-    return _invert_numpy(np.array(rows, dtype=np.uint8)).tolist()
+        return np.array(_invert_python(rows), dtype=np.uint8)
+    return _invert_numpy(np.array(rows, dtype=np.uint8))

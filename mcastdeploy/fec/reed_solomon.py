@@ -205,7 +205,7 @@ class ReedSolomonCodec:
         g = _inverse_tables.get(key)
         if g is None:
             p = self._parity_rows
-            inv = np.array(gf256.invert_rows([[p[r][c] for c in lost] for r in rows]), dtype=np.uint8)
+            inv = gf256.invert_matrix([[p[r][c] for c in lost] for r in rows])
             g = [pack_rows(inv)] if len(rows) <= MAX_PACKED_ROWS else pack_matrix(inv)
             _inverse_tables.put(key, g, sum(x.nbytes for x in g))
         return g

@@ -858,14 +858,16 @@ IMAGE_SIZE = 3 * 1024 * 1024 + 12_345  # not a multiple of the 44 800-byte block
 def run_group(seed: int, *, receivers: int = 8, rate_bps: float = 50e6,
               loss: float = 0.05, bursts: tuple = (), host_loss: Optional[dict] = None,
               join_at: Optional[dict] = None, min_receivers: Optional[int] = None,
-              announce_interval: float = 0.1):
-    image = random_image(IMAGE_SIZE, seed=1)
+              announce_interval: float = 0.1, delay: float = 0.0005, linger: float = 5.0,
+              size: int = IMAGE_SIZE, until: float = 60.0):
+    image = random_image(size, seed=1)
     checksum = hashlib.sha256(image).digest()
     config = SenderConfig(session_id=SID, group=GROUP, rate_bps=rate_bps,
                           min_receivers=receivers if min_receivers is None else min_receivers,
-                          wait=2.0, announce_interval=announce_interval)
+                          wait=2.0, announce_interval=announce_interval, linger=linger)
     sender = Sender(config, len(image), origin=SENDER_ORIGIN, checksum=checksum)
-    nodes = {f"r{i}": Receiver(ReceiverConfig(session_id=SID, timeout=10.0), origin=100 + i,
+    nodes = {f"r{i}": Receiver(ReceiverConfig(session_id=SID, timeout=max(10.0, 4 * delay)),
+                               origin=100 + i,
                                rng=random.Random(f"{seed}/{i}"))
              for i in range(receivers)}
     model = LossModel(seed=seed, loss=loss, bursts=bursts, host_loss=host_loss or {})
@@ -878,7 +880,8 @@ def run_group(seed: int, *, receivers: int = 8, rate_bps: float = 50e6,
         return lost
 
     model.dropped = counting  # type: ignore[method-assign]
-    result = Simulation(sender, image, nodes, model, join_at=join_at).run(until=60.0)
+    result = Simulation(sender, image, nodes, model, join_at=join_at,
+                        delay=delay).run(until=until)
     return image, sender, nodes, result, burst_drops[0]
 
 
@@ -931,4 +934,18 @@ def test_receiver_with_heavy_loss_completes() -> None:
     assert result.failures == {}
     assert all(data == image for data in result.images.values())
     assert nodes["r3"].stats.nacks_sent > nodes["r0"].stats.nacks_sent
+    assert result.sender_events[-1].reason == "every receiver is done"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_round_trips_do_not_end_the_session_under_a_lossy_receiver(seed: int) -> None:
+    # A 1.6 s round trip (what a stalled process makes of a LAN) with 20 % loss on one
+    # receiver: its NACKs come seconds apart, and some are lost.  The sender must keep
+    # going while it still reports missing blocks, though nobody NACKs for ``linger``.
+    image, sender, nodes, result, _ = run_group(seed, receivers=4, loss=0.0, delay=0.8,
+                                                host_loss={"r3": 0.2}, linger=3.0,
+                                                size=1024 * 1024, until=300.0)
+    assert result.failures == {}
+    assert all(data == image for data in result.images.values())
+    assert sender.grtt.value > 1.0
     assert result.sender_events[-1].reason == "every receiver is done"

@@ -19,6 +19,9 @@ _ID_SPACE = MAX_SYMBOL_ID + 1
 MAX_RETRY_WAIT = 2.0
 #: NACK back-off spread in group round trips, for groups of more than one receiver.
 BACKOFF_RTTS = 4.0
+#: Upper bound of that spread.  A round-trip estimate inflated by a stalled process (CI,
+#: a busy agent) must not keep a receiver silent for longer than the sender's linger.
+MAX_BACKOFF = 1.0
 
 
 class RepairQueue:
@@ -102,8 +105,8 @@ class NackTiming:
     def backoff_max(self) -> float:
         """Longest random delay before a NACK: a few group round trips (NORM's K = 4),
         long enough for the sender's REPAIR_NOTICE to reach everyone still waiting."""
-        return max(0.002, BACKOFF_RTTS * self.grtt) if self.group_size > 1 else \
-            max(0.002, self.grtt)
+        spread = BACKOFF_RTTS * self.grtt if self.group_size > 1 else self.grtt
+        return min(max(0.002, spread), MAX_BACKOFF)
 
     def backoff(self, rng: random.Random) -> float:
         """A random NACK delay from a truncated exponential on [0, backoff_max].

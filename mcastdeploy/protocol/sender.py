@@ -105,6 +105,7 @@ class SenderStats:
 
 
 _END_COPIES = 3
+_STILL_WANTING = (wire.ReceiverState.JOINING, wire.ReceiverState.RECEIVING)
 _WAITING_ANNOUNCE_INTERVAL = 0.1
 
 
@@ -203,6 +204,10 @@ class Sender:
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
+            if body.state in _STILL_WANTING:
+                # A receiver that says it still lacks blocks is asking, if not in a NACK
+                # right now (its retry may be waiting out a long round trip).
+                self._last_request = now
         elif isinstance(body, wire.Done):
             if not record.done:
                 record.done = True
@@ -374,9 +379,11 @@ class Sender:
             if block >= self._pass_block or self.state is SenderState.FINISHED:
                 continue  # not sent yet (it is coming in the pass) or too late
             need = min(need, self.geometry.symbols_in(block))
+            # Even a NACK we ignore as a duplicate shows a receiver still at work: the
+            # linger counts from it, or a slow round trip could end the session under it.
+            self._last_request = now
             if self._repair.request(block, need, now):
                 self.stats.repairs_requested += need
-                self._last_request = now
                 self._notices[block] = self._repair.owed(block)
             else:
                 self.stats.nack_entries_suppressed += 1

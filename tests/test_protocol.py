@@ -394,7 +394,7 @@ def test_nack_for_unsent_blocks_is_ignored() -> None:
                             ("10.0.0.1", 1), 0.0)
     assert sender.stats.repairs_requested == 2  # block 0 only
     assert sender.stats.nack_entries_suppressed == 0
-    _, sent = drive(sender, image, 0.0, 10.0, stop=lambda s: s.state is not SenderState.SENDING)
+    _, sent = drive(sender, image, 0.0, 20.0, stop=lambda s: s.state is SenderState.FINISHED)
     assert data_of(sent, repair=True) == [(0, 9), (0, 10)]
 
 
@@ -455,7 +455,7 @@ def test_linger_is_not_over_before_a_long_repair_is_sent() -> None:
     assert now >= repairs[-1] + 0.5
 
 
-@pytest.mark.parametrize("share", [0.5, 0.2])
+@pytest.mark.parametrize("share", [0.5, 0.2, SenderConfig.repair_share])
 def test_repair_backlog_does_not_stall_the_pass(share: float) -> None:
     image = random_image(60 * 512)  # k=8 x 64 B
     sender = make_sender(len(image), block_symbols=8, proactive_repair=0, repair_share=share)
@@ -794,6 +794,50 @@ def test_nack_retries_back_off_up_to_the_cap() -> None:
             next_announce += 0.5
         receiver.handle_timer(now)
         assert nacks_in(sent_by(receiver, now)) == []
+
+
+def test_arriving_repair_restarts_the_retry_timer_without_back_off() -> None:
+    # k = 8: block 0 lacks 3 symbols; the NACK goes out, then repair trickles in slowly
+    # (a sender holding repair back during its pass).  No retry while it keeps coming.
+    source = Source(random_image(4 * 8 * 64), k=8, proactive=0)
+    timing = source.timing
+    receiver = joined(source)
+    receive_block(receiver, source, 0, 0.0, skip=(1, 2, 3))
+    receiver.receive_datagram(source.data(1, 0), SOURCE_ADDR, 0.0)
+    receiver.handle_timer(receiver.get_timer())
+    first = receiver.stats.nacks_sent
+    assert nacks_in(sent_by(receiver, 0.0))[0][0].needs == ((0, 3),)
+    now = 0.0
+    for symbol in (8, 9):  # two of the three asked-for symbols, each after a long gap
+        now += 0.9 * timing.retry_after(3)
+        receiver.receive_datagram(source.data(0, symbol, repair=True), SOURCE_ADDR, now)
+        assert receiver.stats.nacks_sent == first  # the first retry would be due by now
+    # Once arrivals stop, the retry comes a retry wait after the last one, not backed off.
+    wait = timing.retry_after(1)
+    while receiver.stats.nacks_sent == first:
+        at = receiver.get_timer()
+        assert at <= now + wait + timing.backoff_max() + 1e-9
+        receiver.handle_timer(at)
+    assert at >= now + wait
+    assert [nack.needs for nack, _ in nacks_in(sent_by(receiver, at))] == [((0, 1),)]
+
+
+@pytest.mark.parametrize("loss", [0.05, 0.2, 0.4])
+@pytest.mark.parametrize("need", [1, 3, 8, 32])
+def test_padded_need_makes_one_round_likely_enough(loss: float, need: int) -> None:
+    asked = repair.padded_need(need, loss)
+    assert asked >= need
+    # P(at least ``need`` of ``asked`` symbols arrive) with independent loss.
+    p_enough = sum(math.comb(asked, got) * (1 - loss) ** got * loss ** (asked - got)
+                   for got in range(need, asked + 1))
+    assert p_enough >= 0.5
+    assert asked <= need / (1 - loss) + 2 * math.sqrt(need) + 2  # no runaway padding
+
+
+def test_padded_need_is_exact_on_clean_links() -> None:
+    for need in range(0, 20):
+        assert repair.padded_need(need, 0.0) == need
+        assert repair.padded_need(need, 0.005) == need
 
 
 def test_receiver_times_out_after_silence() -> None:

@@ -33,10 +33,6 @@ DEADLINE = 60.0
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-class TooSlow(AssertionError):
-    """The timing goal was missed (not a correctness failure); see the xfail below."""
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> tuple[str, str]:
     path = tmp_path_factory.mktemp("rack") / "image.raw"
@@ -183,13 +179,6 @@ def test_eight_receivers_with_random_loss(rack, tmp_path, image, loss, record_pr
            wire_per_image=summaries["sender"]["bytes_sent"] / IMAGE_SIZE)
 
 
-@pytest.mark.xfail(raises=TooSlow, strict=True, reason=(
-    "protocol: repair for the lossy receiver is multicast within the session's one rate "
-    "budget, so everyone's pass slows by about the lossy receiver's loss. Measured here "
-    "(8 receivers, 50 Mbit/s links, 40 Mbit/s session, 12 MiB, 8 runs): the 7 others "
-    "finished 3.47-4.35 s after the sender started with r8 at 20 % loss, 2.90-2.94 s "
-    "without r8 (ratio 1.19-1.48, typically 1.20-1.22); the sender sent 15.8-16.3 MB "
-    "instead of 13.2 MB"))
 def test_one_lossy_receiver_does_not_slow_the_others(rack, tmp_path, image, record_property):
     bed = rack(RECEIVERS, rate=LINK)
     others, lossy = receivers_of(bed)[:-1], receivers_of(bed)[-1]
@@ -218,8 +207,8 @@ def test_one_lossy_receiver_does_not_slow_the_others(rack, tmp_path, image, reco
         others_without_median_s=statistics.median(base), others_with_last_s=max(slowed),
         others_with_median_s=statistics.median(slowed), lossy_s=mixed.finished_after(lossy),
         ratio=ratio, sent_mb_with=summaries["sender"]["bytes_sent"] / 1e6)
-    if ratio > 1.10:
-        raise TooSlow(line)
+    # The slowest receiver must not set the pace (repair_share bounds it near 2 %).
+    assert ratio <= 1.10, line
 
 
 def test_late_joiner_catches_up(rack, tmp_path, image, record_property):

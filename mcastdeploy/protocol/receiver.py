@@ -22,7 +22,7 @@ from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit
-from mcastdeploy.protocol.repair import NackScheduler, NackTiming
+from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
 
 Address = tuple
 
@@ -42,7 +42,8 @@ class ReceiverConfig:
     done_spacing: float = 0.02
 
 
-_REPAIR_FLAG = int(wire.Flags.REPAIR)  # a plain int: enum arithmetic per packet is slow
+_REPAIR_FLAG = int(wire.Flags.REPAIR)
+_LOSS_PRIOR = 100  # a plain int: enum arithmetic per packet is slow
 
 
 class ReceiverPhase(enum.Enum):
@@ -135,6 +136,18 @@ class Receiver:
         if self._pass_first is None:
             return 0
         return max(0, self._pass_last - self._pass_first + 1 - self._pass_received)
+
+    @property
+    def loss_rate(self) -> float:
+        """Share of the pass packets sent while we listened that were lost.
+
+        Counted as if ``_LOSS_PRIOR`` loss-free packets had come first, so that one loss
+        among the first few packets does not read as a bad link and inflate our NACKs.
+        """
+        if self._pass_first is None:
+            return 0.0
+        span = self._pass_last - self._pass_first + 1
+        return self.packets_lost / (span + _LOSS_PRIOR)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
@@ -363,6 +376,8 @@ class Receiver:
         partial.have += 1
         if partial.have >= k:
             self._complete_block(block, partial, now)
+        elif header.flags & _REPAIR_FLAG and self._timing is not None:
+            self._nacks.progress(block, now, self._timing.retry_after(k - partial.have))
 
     def _on_repair_notice(self, notice: wire.RepairNotice, now: float) -> None:
         """Blocks whose repair, asked by someone, will cover our need need no NACK of ours."""
@@ -412,10 +427,11 @@ class Receiver:
         if not blocks:
             return
         needs = []
+        loss = self.loss_rate
         for block in blocks:
             partial = self._partial.get(block)
             k = geometry.symbols_in(block)
-            needs.append((block, k - (partial.have if partial else 0)))
+            needs.append((block, padded_need(k - (partial.have if partial else 0), loss)))
         owed = sum(need for _, need in needs)
         wait = timing.retry_after(owed)
         for block in blocks:

@@ -93,6 +93,22 @@ class RepairQueue:
                 for p in range(position, position + count)]
 
 
+def padded_need(need: int, loss: float) -> int:
+    """How many repair symbols to ask for when ``need`` are missing and a share ``loss`` of
+    what reaches us is lost: the need, plus the expected loss of the round and one standard
+    deviation of it, rounded.
+
+    A receiver on a 20 % loss link that asks for exactly what it lacks loses a fifth of
+    every round and needs round after round, each a retry timer apart.  On a clean link the
+    padding rounds to nothing, so large groups of good receivers do not over-ask.
+    """
+    if need <= 0 or loss <= 0:
+        return need
+    loss = min(loss, 0.9)
+    extra = (need * loss + math.sqrt(need * loss * (1 - loss))) / (1 - loss)
+    return need + int(extra + 0.5)
+
+
 @dataclass
 class NackTiming:
     """Receiver NACK timing, derived from what the sender announces."""
@@ -199,6 +215,18 @@ class NackScheduler:
         attempt = self._attempts.get(block, 0)
         self._attempts[block] = attempt + 1
         self._reschedule(block, now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT))
+
+    def progress(self, block: int, now: float, wait: float) -> None:
+        """Repair for ``block`` is arriving: ask again only once it has stopped arriving for
+        ``wait``, and without back-off, since the sender is answering.
+
+        Retry timers guess when a round will have been sent; a sender that holds repair
+        back during its pass sends it much later than the guess, and by then a block's
+        back-off may have doubled to the cap.  Arrivals tell the truth.
+        """
+        if block in self._due:
+            self._attempts.pop(block, None)
+            self._reschedule(block, now + min(wait, MAX_RETRY_WAIT))
 
     def covered(self, block: int, now: float, wait: float) -> None:
         """Repair for ``block`` is on its way for someone else's NACK: wait for it, as if

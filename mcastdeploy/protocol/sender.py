@@ -53,9 +53,13 @@ class SenderConfig:
     reply_port: int = 0
     #: Most datagrams returned by one ``datagrams_to_send`` call.
     max_batch: int = 64
-    #: Share of the rate repair may take while the data pass still runs, so that one
-    #: receiver that lost a lot cannot stall everyone's first pass.
-    repair_share: float = 0.5
+    #: Share of the rate repair may take while the data pass still runs.  Small, because
+    #: the slowest receiver must not set the pace: one receiver on a 20 % loss link asks
+    #: for a quarter of the pass again, and every byte of that repair sent during the pass
+    #: delays everyone else.  What it lacks is owed all the same and goes out at the full
+    #: rate once the pass is over (total bytes, hence the lossy receiver's finish, hardly
+    #: change).  1/(1 - share) bounds how much repair can slow the pass: 2 % here.
+    repair_share: float = 0.02
     #: Image blocks kept in memory for repair and lookahead.
     block_cache: int = 64
 
@@ -378,7 +382,8 @@ class Sender:
             self.stats.nack_entries += 1
             if block >= self._pass_block or self.state is SenderState.FINISHED:
                 continue  # not sent yet (it is coming in the pass) or too late
-            need = min(need, self.geometry.symbols_in(block))
+            # Lossy receivers pad their need (repair.padded_need); twice k bounds any sane one.
+            need = min(need, 2 * self.geometry.symbols_in(block))
             # Even a NACK we ignore as a duplicate shows a receiver still at work: the
             # linger counts from it, or a slow round trip could end the session under it.
             self._last_request = now

@@ -47,6 +47,18 @@ def parse_rate(text: str) -> int:
     return rate
 
 
+RATE_MODES = ("fixed", "auto")
+
+
+def parse_rate_setting(text: str) -> tuple[Optional[str], Optional[int]]:
+    """'500M' -> ('fixed', 500M); 'auto' -> ('auto', None: keep the spec's rate as the
+    ceiling); 'auto:1G' -> ('auto', 1G)."""
+    word, colon, rest = str(text).strip().partition(":")
+    if word.lower() == "auto":
+        return "auto", parse_rate(rest) if colon else None
+    return "fixed", parse_rate(text)
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     session_id: str  # 16 hex digits
@@ -55,6 +67,9 @@ class SessionSpec:
     interface: Optional[str] = None
     ttl: int = 1
     rate_bps: int = DEFAULT_RATE_BPS
+    #: "fixed": send at rate_bps; "auto": rate_bps is the ceiling, and the sender picks
+    #: the rate from the group's loss reports (protocol/ratecontrol.py).
+    rate_mode: str = "fixed"
     symbol_size: int = DEFAULT_SYMBOL_SIZE
     block_symbols: int = DEFAULT_BLOCK_SYMBOLS
     proactive_repair: int = DEFAULT_PROACTIVE_REPAIR
@@ -156,6 +171,8 @@ def _validate(spec: SessionSpec) -> None:
     _check_int("port", spec.port, 1, 65535)
     _check_int("ttl", spec.ttl, 1, 255)
     _check_int("rate_bps", spec.rate_bps, 1000, 400_000_000_000)
+    if spec.rate_mode not in RATE_MODES:
+        raise SpecError(f"session spec field 'rate_mode' must be one of {', '.join(RATE_MODES)}")
     _check_int("symbol_size", spec.symbol_size, 16,
                wire.MAX_DATAGRAM - wire.HEADER_SIZE - 8)
     _check_int("block_symbols", spec.block_symbols, 1, wire.MAX_BLOCK_SYMBOLS)

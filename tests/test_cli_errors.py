@@ -87,8 +87,9 @@ def test_group_that_is_not_multicast(loopback_spec, image, tmp_path, command):
     assert_one_line_error(code, err, 2, "is not a multicast group")
 
 
-def test_bad_rate(loopback_spec, image):
-    code, _, err = run("send", "--session", loopback_spec[1], "--rate", "fast", image)
+@pytest.mark.parametrize("rate", ["fast", "auto:fast", "auto:0", "automatic"])
+def test_bad_rate(loopback_spec, image, rate):
+    code, _, err = run("send", "--session", loopback_spec[1], "--rate", rate, image)
     assert code == 2 and "bad rate" in err and "Traceback" not in err
 
 

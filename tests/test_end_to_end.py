@@ -41,3 +41,24 @@ def test_send_to_three_receivers(tmp_path, loopback_spec):
     assert send_summary["sha256"] == image_sha
     assert sha256_file(image) == image_sha
 
+
+
+def test_automatic_rate_on_loopback(tmp_path, loopback_spec):
+    """``--rate auto:CEILING``: the spec's ceiling is respected and every copy is intact."""
+    _, spec_path = loopback_spec
+    image = tmp_path / "image.raw"
+    size = 24 * 1024 * 1024 + 99
+    image_sha = write_random(image, size, seed=8)
+    targets = [tmp_path / f"target{n}.raw" for n in range(2)]
+    receivers = [mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
+                             str(target)) for target in targets]
+    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "2",
+                         "--rate", "auto:200M", "--wait", "30", "--json", str(image))
+    results = [finish(process, timeout=120) for process in receivers + [sender]]
+    for code, _, err in results:
+        assert code == 0, err
+    for target in targets:
+        assert sha256_file(target, size) == image_sha
+    summary = json.loads(results[-1][1])
+    # Loopback loses nothing: the rate only probed upward from an eighth of the ceiling.
+    assert 25_000_000 < summary["rate_bps"] <= 200_000_000

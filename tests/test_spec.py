@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate
+from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate, parse_rate_setting
 
 
 @pytest.mark.parametrize("text, bps", [
@@ -22,6 +22,20 @@ def test_parse_rate(text, bps):
 def test_parse_rate_rejects(text):
     with pytest.raises(SpecError):
         parse_rate(text)
+
+
+@pytest.mark.parametrize("text, setting", [
+    ("500M", ("fixed", 500_000_000)), ("auto", ("auto", None)), ("AUTO", ("auto", None)),
+    ("auto:1G", ("auto", 1_000_000_000)), (" auto:50M ", ("auto", 50_000_000)),
+])
+def test_parse_rate_setting(text, setting):
+    assert parse_rate_setting(text) == setting
+
+
+@pytest.mark.parametrize("text", ["auto:", "auto:fast", "autox", "fixed:1G"])
+def test_parse_rate_setting_rejects(text):
+    with pytest.raises(SpecError, match="bad rate"):
+        parse_rate_setting(text)
 
 
 def test_new_session_defaults_and_fresh_ids():
@@ -62,6 +76,7 @@ def test_replace_ignores_unset_overrides():
     ({"interface": ""}, "'interface'"),
     ({"session_id": "ABCDEF0123456789"}, "'session_id'"),
     ({"port": True}, "'port'"),
+    ({"rate_mode": "turbo"}, "'rate_mode'"),
 ])
 def test_validation(changes, fragment):
     data = json.loads(new_session().to_json()) | changes

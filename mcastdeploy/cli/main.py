@@ -21,7 +21,7 @@ from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_session import run_send
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
-from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate
+from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate, parse_rate_setting
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -73,6 +73,24 @@ class RateType(click.ParamType):
 RATE = RateType()
 
 
+class RateSettingType(click.ParamType):
+    """A fixed rate, or ``auto`` / ``auto:CEILING`` for loss-driven rate control."""
+
+    name = "RATE|auto[:RATE]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> tuple[Optional[str], Optional[int]]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_rate_setting(value)
+        except SpecError as error:
+            self.fail(str(error), param, ctx)
+
+
+RATE_SETTING = RateSettingType()
+
+
 def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--group/--port/--interface/--rate: override the spec (send, recv) or set it (new)."""
     for option in reversed([
@@ -80,19 +98,24 @@ def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--port", type=click.IntRange(1, 65535), help="UDP port of the group."),
         click.option("--interface",
                      help="Interface name or one of its IPv4 addresses (e.g. eth0, lo)."),
-        click.option("--rate", type=RATE,
-                     help="Send rate in bits per second: 500M, 1G, 50M ..."),
+        click.option("--rate", type=RATE_SETTING, default=None,
+                     help="Send rate in bits per second (500M, 1G, 50M ...), or 'auto' to "
+                          "follow the group's loss with the spec's rate as ceiling, or "
+                          "'auto:1G' to set the ceiling too."),
     ]):
         command = option(command)
     return command
 
 
 def _load_spec(path: str, group: Optional[str], port: Optional[int],
-               interface: Optional[str], rate: Optional[int]) -> SessionSpec:
+               interface: Optional[str],
+               rate: Optional[tuple[Optional[str], Optional[int]]]) -> SessionSpec:
     spec = SessionSpec.load(path)
     if group is not None:
         check_group(group)
-    return spec.replace(group=group, port=port, interface=interface, rate_bps=rate)
+    mode, bps = rate or (None, None)
+    return spec.replace(group=group, port=port, interface=interface, rate_bps=bps,
+                        rate_mode=mode)
 
 
 def _run_and_report(label: str, progress: str, as_json: bool,
@@ -151,9 +174,10 @@ def session() -> None:
               help="Write the spec here (mode 0600) instead of printing it.")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
-                rate: Optional[int], ttl: Optional[int], symbol_size: Optional[int],
-                block_symbols: Optional[int], proactive_repair: Optional[int],
-                image: Optional[str], output: Optional[str]) -> None:
+                rate: Optional[tuple[Optional[str], Optional[int]]], ttl: Optional[int],
+                symbol_size: Optional[int], block_symbols: Optional[int],
+                proactive_repair: Optional[int], image: Optional[str],
+                output: Optional[str]) -> None:
     """Write a new session spec (JSON) with a fresh session id."""
     if group is not None:
         check_group(group)
@@ -162,7 +186,9 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
     pinned: dict[str, Any] = {}
     if image is not None:
         pinned = dict(zip(("image_size", "image_sha256"), _measure(image)))
-    spec = new_session(group=group, port=port, interface=interface, rate_bps=rate, ttl=ttl,
+    mode, bps = rate or (None, None)
+    spec = new_session(group=group, port=port, interface=interface, rate_bps=bps,
+                       rate_mode=mode, ttl=ttl,
                        symbol_size=symbol_size, block_symbols=block_symbols,
                        proactive_repair=proactive_repair, **pinned)
     if output:
@@ -211,7 +237,8 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
 @_one_line_errors
 def send(session_path: str, min_receivers: int, wait: Optional[float], linger: float,
          group: Optional[str], port: Optional[int], interface: Optional[str],
-         rate: Optional[int], as_json: bool, progress: str, image: str) -> None:
+         rate: Optional[tuple[Optional[str], Optional[int]]], as_json: bool, progress: str,
+         image: str) -> None:
     """Multicast IMAGE to every receiver of the session."""
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("send", progress, as_json, functools.partial(
@@ -228,7 +255,8 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
 def recv(session_path: str, timeout: float, group: Optional[str], port: Optional[int],
-         interface: Optional[str], rate: Optional[int], as_json: bool, progress: str,
+         interface: Optional[str], rate: Optional[tuple[Optional[str], Optional[int]]],
+         as_json: bool, progress: str,
          target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)

@@ -42,6 +42,8 @@ class SendSummary:
     receivers: int
     receivers_done: int
     sha256: str
+    #: The send rate at the end: the spec's, or where automatic rate control settled.
+    rate_bps: int
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -81,6 +83,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         session_id=spec.session_number,
         group=(spec.group, spec.port),
         rate_bps=spec.rate_bps,
+        auto_rate=spec.rate_mode == "auto",
         symbol_size=spec.symbol_size,
         block_symbols=spec.block_symbols,
         proactive_repair=spec.proactive_repair,
@@ -127,7 +130,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
-        receivers=known, receivers_done=done, sha256=checksum.hex())
+        receivers=known, receivers_done=done, sha256=checksum.hex(),
+        rate_bps=int(sender.rate.rate_bps))
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

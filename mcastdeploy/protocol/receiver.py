@@ -255,7 +255,8 @@ class Receiver:
             state=_WIRE_STATE[self.phase],
             blocks_done=self.blocks_done,
             block_count=geometry.block_count if geometry else 0,
-            packets_received=self.stats.packets_received,
+            # Pass packets only, so that the sender's rate control reads a loss ratio.
+            packets_received=self._pass_received,
             packets_lost=self.packets_lost,
             nacks_sent=self.stats.nacks_sent,
             **self._echo_fields(now),

@@ -21,6 +21,7 @@ from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.pacing import TokenBucket
+from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
 from mcastdeploy.protocol.repair import RepairQueue
 from mcastdeploy.protocol.rtt import GroupRtt
 
@@ -62,6 +63,9 @@ class SenderConfig:
     repair_share: float = 0.02
     #: Image blocks kept in memory for repair and lookahead.
     block_cache: int = 64
+    #: Pick the rate from the group's loss reports (protocol/ratecontrol.py), with
+    #: ``rate_bps`` as the ceiling, instead of sending at ``rate_bps`` throughout.
+    auto_rate: bool = False
 
     def __post_init__(self) -> None:
         if self.rate_bps <= 0:
@@ -132,6 +136,8 @@ class Sender:
         self._events: deque[events.Event] = deque()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.grtt = GroupRtt(config.grtt)
+        self.rate: RateController = (AutoRate(config.rate_bps) if config.auto_rate
+                                     else FixedRate(config.rate_bps))
         self._repair = RepairQueue(holdoff=self._holdoff())
         self._ready_repair: deque[tuple[int, int, bytes]] = deque()
         #: Repair accepted since the last REPAIR_NOTICE went out: block -> symbols coming.
@@ -184,7 +190,7 @@ class Sender:
         self._started_at = now
         self._next_announce = now
         self._last_request = now
-        self._bucket = TokenBucket(self.config.rate_bps,
+        self._bucket = TokenBucket(self.rate.update(now),
                                    self._packet_bytes * min(self.config.max_batch, 16), now)
         self._maybe_begin(now)
 
@@ -208,6 +214,7 @@ class Sender:
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
+            self.rate.report(header.origin, body.packets_received, body.packets_lost)
             if body.state in _STILL_WANTING:
                 # A receiver that says it still lacks blocks is asking, if not in a NACK
                 # right now (its retry may be waiting out a long round trip).
@@ -253,6 +260,7 @@ class Sender:
             self._count(out)
             return out
         if now >= self._next_announce:
+            self._update_rate(now)
             out.append((self._announce(now), group))
             self.grtt.end_window()
             self.stats.announce_packets += 1
@@ -287,6 +295,12 @@ class Sender:
         return self._events.popleft() if self._events else None
 
     # -- internals ------------------------------------------------------------------------
+
+    def _update_rate(self, now: float) -> None:
+        """Ask the rate policy once per ANNOUNCE, which then tells receivers the rate."""
+        rate = self.rate.update(now)
+        if self._bucket is not None and rate != self._bucket.rate_bps:
+            self._bucket.set_rate(rate)
 
     def _holdoff(self) -> float:
         return max(2 * self.grtt.value, 0.002)
@@ -326,7 +340,7 @@ class Sender:
             block_symbols=self.geometry.block_symbols,
             block_count=self.geometry.block_count,
             next_block=self._pass_block,
-            rate_bps=int(self.config.rate_bps),
+            rate_bps=int(self.rate.rate_bps),
             grtt_us=int(self.grtt.value * 1e6),
             group_size=max(1, len(self.receivers)),
             proactive_repair=self.config.proactive_repair,

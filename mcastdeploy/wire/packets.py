@@ -262,8 +262,8 @@ class Status:
     state: ReceiverState
     blocks_done: int
     block_count: int
-    packets_received: int
-    packets_lost: int  # estimated from gaps in what the sender sent in its pass
+    packets_received: int  # pass packets (source and proactive), not repair or control
+    packets_lost: int  # pass packets missed: estimated from gaps in the pass sequence
     nacks_sent: int
     echo_us: int = 0  # as in NACK
     hold_us: int = 0

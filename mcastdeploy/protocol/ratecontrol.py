@@ -1,0 +1,144 @@
+"""Send-rate policy: a fixed rate, or an automatic one driven by the group's loss reports.
+
+Receivers report cumulative pass packets received and lost in every STATUS.  The
+automatic mode looks at how much each receiver lost since the previous decision and
+follows one rule, in the spirit of TFMCC (RFC 4654) but much simpler, because a rack is
+one sender, one switch and no competing multicast flow:
+
+* **Group loss** is the *median* receiver's loss over the last interval.  Congestion of
+  the sender's link or the switch raises everyone's loss together; one bad cable raises
+  one receiver's.  The median follows the first and ignores the second, so the slowest
+  receiver never sets the pace (it catches up through repair).
+* **Base loss** is the lowest group loss seen in the last ``BASE_WINDOW`` intervals: the
+  loss the links have whatever the rate (1 % random loss stays 1 % at any rate).
+  Congestion is loss *above* that, which is loss the rate itself causes.
+* Group loss more than ``CONGESTED`` above base: multiply the rate by ``DECREASE``.
+  Within ``CLEAN`` of base: multiply it by ``INCREASE``.  In between: hold.  The rate
+  stays within [floor, ceiling]; the operator's rate is the ceiling.
+* After a decrease the next interval is skipped: its reports still mix the old rate in,
+  and acting on them would cut twice for one episode.
+
+Multiplicative increase (rather than TCP's additive one) reaches a 1 Gbit/s ceiling from
+an eighth of it in about 15 s; there is no flow to be fair to, only a queue not to
+overrun.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+#: Intervals whose lowest group loss is the links' own loss.
+BASE_WINDOW = 10
+#: Group loss this far above base is congestion ...
+CONGESTED = 0.02
+#: ... and within this of it the path is clean.
+CLEAN = 0.005
+DECREASE = 0.7
+INCREASE = 1.15
+#: A receiver's interval counts only with this many pass packets in it.
+MIN_PACKETS = 50
+
+
+class RateController(Protocol):
+    """What the sender asks of a rate policy."""
+
+    rate_bps: float
+
+    def report(self, receiver: int, received: int, lost: int) -> None:
+        """A receiver's cumulative pass packets received and lost (from its STATUS)."""
+
+    def update(self, now: float) -> float:
+        """Called periodically; returns the rate to send at from now on."""
+
+
+@dataclass
+class FixedRate:
+    """The operator's rate, whatever happens."""
+
+    rate_bps: float
+
+    def report(self, receiver: int, received: int, lost: int) -> None:
+        pass
+
+    def update(self, now: float) -> float:
+        return self.rate_bps
+
+
+@dataclass
+class _Counters:
+    received: int = 0
+    lost: int = 0
+    #: Counters at the previous decision (a new receiver's count from zero).
+    mark: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class AutoRate:
+    """Backs off when the group's loss rises above what its links always lose; probes up
+    when it does not (the rule is in the module docstring)."""
+
+    ceiling_bps: float
+    floor_bps: float = 1e6
+    start_bps: Optional[float] = None
+    interval: float = 1.0
+    rate_bps: float = field(init=False)
+    #: (time, group loss, rate) of every decision, for reports and tests.
+    history: list[tuple[float, float, float]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor_bps <= self.ceiling_bps:
+            raise ValueError("need 0 < floor <= ceiling")
+        start = self.start_bps if self.start_bps is not None else self.ceiling_bps / 8
+        self.rate_bps = min(max(start, self.floor_bps), self.ceiling_bps)
+        self._receivers: dict[int, _Counters] = {}
+        self._recent: deque[float] = deque(maxlen=BASE_WINDOW)
+        self._next_decision: Optional[float] = None
+        self._skip = False
+
+    def report(self, receiver: int, received: int, lost: int) -> None:
+        counters = self._receivers.setdefault(receiver, _Counters())
+        counters.received, counters.lost = received, lost
+
+    def group_loss(self) -> Optional[float]:
+        """The median receiver's loss since the last decision (None: too few packets)."""
+        losses = []
+        for counters in self._receivers.values():
+            received = counters.received - counters.mark[0]
+            lost = counters.lost - counters.mark[1]
+            if received + lost >= MIN_PACKETS and received >= 0 and lost >= 0:
+                losses.append(lost / (received + lost))
+        return statistics.median(losses) if losses else None
+
+    def update(self, now: float) -> float:
+        if self._next_decision is None:
+            self._next_decision = now + self.interval
+            self._mark()
+            return self.rate_bps
+        if now < self._next_decision:
+            return self.rate_bps
+        self._next_decision = now + self.interval
+        loss = self.group_loss()
+        self._mark()
+        if loss is None:
+            return self.rate_bps
+        self._recent.append(loss)
+        if self._skip:
+            self._skip = False
+            return self.rate_bps
+        base = min(self._recent)
+        rate = self.rate_bps
+        if loss > base + CONGESTED:
+            rate = max(self.floor_bps, rate * DECREASE)
+        elif loss <= base + CLEAN:
+            rate = min(self.ceiling_bps, rate * INCREASE)
+        self._skip = rate < self.rate_bps
+        self.rate_bps = rate
+        self.history.append((now, loss, rate))
+        return rate
+
+    def _mark(self) -> None:
+        for counters in self._receivers.values():
+            counters.mark = (counters.received, counters.lost)

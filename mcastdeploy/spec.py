@@ -48,6 +48,7 @@ def parse_rate(text: str) -> int:
 
 
 RATE_MODES = ("fixed", "auto")
+PROACTIVE_MODES = ("fixed", "auto")
 
 
 def parse_rate_setting(text: str) -> tuple[Optional[str], Optional[int]]:
@@ -73,6 +74,9 @@ class SessionSpec:
     symbol_size: int = DEFAULT_SYMBOL_SIZE
     block_symbols: int = DEFAULT_BLOCK_SYMBOLS
     proactive_repair: int = DEFAULT_PROACTIVE_REPAIR
+    #: "fixed": that many repair symbols per block; "auto": at least that many, more as
+    #: the group's loss reports call for (protocol/parity.py).
+    proactive_mode: str = "fixed"
     #: Pinned by the operator (or Ironic's image checksum): receivers refuse anything else.
     image_sha256: Optional[str] = None
     image_size: Optional[int] = None
@@ -171,6 +175,9 @@ def _validate(spec: SessionSpec) -> None:
     _check_int("port", spec.port, 1, 65535)
     _check_int("ttl", spec.ttl, 1, 255)
     _check_int("rate_bps", spec.rate_bps, 1000, 400_000_000_000)
+    if spec.proactive_mode not in PROACTIVE_MODES:
+        raise SpecError("session spec field 'proactive_mode' must be one of "
+                        f"{', '.join(PROACTIVE_MODES)}")
     if spec.rate_mode not in RATE_MODES:
         raise SpecError(f"session spec field 'rate_mode' must be one of {', '.join(RATE_MODES)}")
     _check_int("symbol_size", spec.symbol_size, 16,

@@ -173,6 +173,25 @@ def test_session_new_writes_private_spec(tmp_path, image):
     assert len(data["session_id"]) == 16 and len(data["image_sha256"]) == 64
 
 
+@pytest.mark.parametrize("argv, fields", [
+    (["--rate", "auto:2G"], {"rate_mode": "auto", "rate_bps": 2_000_000_000}),
+    (["--proactive-repair", "auto"], {"proactive_mode": "auto", "proactive_repair": 1}),
+    (["--proactive-repair", "auto:3"], {"proactive_mode": "auto", "proactive_repair": 3}),
+    (["--proactive-repair", "2"], {"proactive_mode": "fixed", "proactive_repair": 2}),
+])
+def test_session_new_automatic_modes(argv, fields):
+    code, out, err = run("session", "new", *argv)
+    assert code == 0, err
+    data = json.loads(out)
+    assert {key: data[key] for key in fields} == fields
+
+
+@pytest.mark.parametrize("value", ["x", "auto:x", "-1", "auto:"])
+def test_session_new_bad_proactive(value):
+    code, _, err = run("session", "new", "--proactive-repair", value)
+    assert code == 2 and "bad proactive repair" in err and "Traceback" not in err
+
+
 def test_session_new_prints_spec_with_fresh_ids():
     first, second = (json.loads(run("session", "new")[1]) for _ in range(2))
     assert first["session_id"] != second["session_id"]

@@ -77,6 +77,7 @@ def test_replace_ignores_unset_overrides():
     ({"session_id": "ABCDEF0123456789"}, "'session_id'"),
     ({"port": True}, "'port'"),
     ({"rate_mode": "turbo"}, "'rate_mode'"),
+    ({"proactive_mode": "more"}, "'proactive_mode'"),
 ])
 def test_validation(changes, fragment):
     data = json.loads(new_session().to_json()) | changes

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcastdeploy import wire
-from mcastdeploy.wire.packets import (DATA_BODY, ECHO, HEADER, MAGIC, NACK_COUNT, NACK_ENTRY,
-                                      VERSION)
+from mcastdeploy.wire.packets import (BACKLOG, DATA_BODY, ECHO, HEADER, MAGIC, NACK_COUNT,
+                                      NACK_ENTRY, VERSION)
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow])
@@ -53,6 +53,7 @@ def announces(draw: st.DrawFn) -> wire.Announce:
         sender_host=draw(hosts),
         sender_port=draw(st.integers(0, 65535)),
         timestamp_us=draw(st.integers(0, U64)),
+        backlog_us=draw(st.integers(0, U32)),
     )
 
 
@@ -62,7 +63,7 @@ block_counts = st.lists(st.tuples(st.integers(0, U32), st.integers(1, 255)),
                         min_size=1, max_size=wire.MAX_NACK_ENTRIES).map(tuple)
 nacks = st.builds(wire.Nack, needs=block_counts, echo_us=st.integers(0, U64),
                   hold_us=st.integers(0, U32))
-notices = st.builds(wire.RepairNotice, scheduled=block_counts)
+notices = st.builds(wire.RepairNotice, scheduled=block_counts, backlog_us=st.integers(0, U32))
 
 
 @st.composite
@@ -205,7 +206,7 @@ def _rejects(data: bytes, match: str) -> None:
 def _announce_body(**changes: object) -> bytes:
     fields = dict(size=10_000, sym=1000, k=4, blocks=3, next_block=0, rate=10**8, grtt=10_000,
                   group=1, proactive=1, checksum=bytes(32), family=4, addr=bytes(16), port=0,
-                  timestamp=0)
+                  timestamp=0, backlog=0)
     fields.update(changes)
     return wire.Announce.BODY.pack(*fields.values())
 
@@ -237,9 +238,11 @@ def test_reject_unknown_type(ptype: int) -> None:
 
 
 def test_reject_repair_notice_entry_counts() -> None:
-    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, NACK_COUNT.pack(0)), "entries")
-    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, NACK_COUNT.pack(1) + NACK_ENTRY.pack(3, 0)),
-             "zero symbols")
+    backlog = BACKLOG.pack(1000)
+    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, b"\0\0"), "truncated")
+    _rejects(_raw(wire.PacketType.REPAIR_NOTICE, backlog + NACK_COUNT.pack(0)), "entries")
+    _rejects(_raw(wire.PacketType.REPAIR_NOTICE,
+                  backlog + NACK_COUNT.pack(1) + NACK_ENTRY.pack(3, 0)), "zero symbols")
 
 
 def _nack(body: bytes, echo: int = 0, hold: int = 0) -> bytes:

@@ -91,6 +91,26 @@ class RateSettingType(click.ParamType):
 RATE_SETTING = RateSettingType()
 
 
+class ProactiveType(click.ParamType):
+    """N repair symbols per block, or ``auto`` / ``auto:N`` (at least N) sized from loss."""
+
+    name = "N|auto[:N]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> tuple[str, Optional[int]]:
+        if isinstance(value, tuple):
+            return value
+        word, colon, rest = str(value).strip().partition(":")
+        mode, number = ("auto", rest if colon else None) if word.lower() == "auto" \
+            else ("fixed", str(value).strip())
+        if number is not None and not number.isdigit():
+            self.fail(f"bad proactive repair {value!r}: use a count or auto[:N]", param, ctx)
+        return mode, int(number) if number is not None else None
+
+
+PROACTIVE = ProactiveType()
+
+
 def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--group/--port/--interface/--rate: override the spec (send, recv) or set it (new)."""
     for option in reversed([
@@ -166,8 +186,9 @@ def session() -> None:
               help="Bytes per packet payload (default 1400, fits a 1500-byte MTU).")
 @click.option("--block-symbols", type=click.IntRange(1, 254),
               help="Source symbols per FEC block, k (default 32).")
-@click.option("--proactive-repair", type=click.IntRange(0, 253),
-              help="Repair symbols sent with every block before anyone asks (default 1).")
+@click.option("--proactive-repair", type=PROACTIVE,
+              help="Repair symbols sent with every block before anyone asks (default 1), "
+                   "or 'auto' / 'auto:N' to size them from the group's loss, at least N.")
 @click.option("--image", "image", type=click.Path(dir_okay=False),
               help="Pin this image's size and SHA-256 in the spec.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -176,7 +197,7 @@ def session() -> None:
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
                 rate: Optional[tuple[Optional[str], Optional[int]]], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
-                proactive_repair: Optional[int], image: Optional[str],
+                proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
                 output: Optional[str]) -> None:
     """Write a new session spec (JSON) with a fresh session id."""
     if group is not None:
@@ -190,7 +211,9 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
     spec = new_session(group=group, port=port, interface=interface, rate_bps=bps,
                        rate_mode=mode, ttl=ttl,
                        symbol_size=symbol_size, block_symbols=block_symbols,
-                       proactive_repair=proactive_repair, **pinned)
+                       proactive_mode=proactive_repair[0] if proactive_repair else None,
+                       proactive_repair=proactive_repair[1] if proactive_repair else None,
+                       **pinned)
     if output:
         spec.save(output)
     else:

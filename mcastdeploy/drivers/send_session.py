@@ -87,6 +87,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         symbol_size=spec.symbol_size,
         block_symbols=spec.block_symbols,
         proactive_repair=spec.proactive_repair,
+        auto_proactive=spec.proactive_mode == "auto",
         min_receivers=min_receivers,
         wait=wait,
         linger=linger,

@@ -35,7 +35,8 @@ class ReceiverConfig:
     #: Give up when nothing has come from the sender for this long.
     timeout: float = 30.0
     status_interval: float = 1.0
-    #: The first STATUS (our join) is repeated this soon, as the sender may miss it.
+    #: The first STATUS (our join) is repeated this soon, as the sender may miss it; the
+    #: gaps then double up to ``status_interval``.
     join_repeat: float = 0.05
     #: Copies of DONE sent (spaced by ``done_spacing``) before finishing.
     done_copies: int = 3
@@ -119,11 +120,17 @@ class Receiver:
         self._statuses_sent = 0
         self._echo: Optional[tuple[int, float]] = None  # last ANNOUNCE timestamp, arrival
         self._verified: Optional[bytes] = None
+        #: When the sender expects to have sent all repair it owed at its last word.
+        self._backlog_until = 0.0
         self._done_remaining = 0
         self._next_done = 0.0
-        self._pass_first: Optional[int] = None
-        self._pass_last = -1
+        #: Pass packets counted per block until the pass moves past it (then folded into
+        #: the totals below); blocks before ``_count_from`` were partly sent before we
+        #: listened and are not counted.
+        self._pass_counts: dict[int, int] = {}
+        self._count_from: Optional[int] = None
         self._pass_received = 0
+        self._pass_lost = 0
 
     # -- sans-IO interface ----------------------------------------------------------------
 
@@ -132,10 +139,13 @@ class Receiver:
 
     @property
     def packets_lost(self) -> int:
-        """Pass packets the sender sent while we listened that never arrived (an estimate)."""
-        if self._pass_first is None:
-            return 0
-        return max(0, self._pass_last - self._pass_first + 1 - self._pass_received)
+        """Pass packets the sender sent while we listened that never arrived.
+
+        Counted per block once the pass has moved past it (its k + proactive symbols
+        against what came), so that it stays right when the sender changes its proactive
+        parity mid-session.
+        """
+        return self._pass_lost
 
     @property
     def loss_rate(self) -> float:
@@ -144,10 +154,7 @@ class Receiver:
         Counted as if ``_LOSS_PRIOR`` loss-free packets had come first, so that one loss
         among the first few packets does not read as a bad link and inflate our NACKs.
         """
-        if self._pass_first is None:
-            return 0.0
-        span = self._pass_last - self._pass_first + 1
-        return self.packets_lost / (span + _LOSS_PRIOR)
+        return self._pass_lost / (self._pass_lost + self._pass_received + _LOSS_PRIOR)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
@@ -207,9 +214,10 @@ class Receiver:
         if self._next_status is not None and now >= self._next_status:
             self._send_status(now)
             self._statuses_sent += 1
-            interval = self.config.status_interval
-            self._next_status = now + (self.config.join_repeat if self._statuses_sent == 1
-                                       else interval)
+            # 50 ms, 100 ms, 200 ms ... up to the interval: the first STATUS (our join) may
+            # be lost, and early loss reports let the sender size its parity and rate soon.
+            ramp = self.config.join_repeat * 2 ** min(self._statuses_sent - 1, 16)
+            self._next_status = now + min(ramp, self.config.status_interval)
         if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
             self._nacks.nack_at = None
             self._send_nack(now)
@@ -307,6 +315,11 @@ class Receiver:
         host = addr[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
         self.sender_address = (host, announce.sender_port or addr[1])
         self._proactive = announce.proactive_repair
+        self._backlog_until = now + announce.backlog_us / 1e6
+        if self._count_from is None:
+            # The block in flight as we join was partly sent before we listened.
+            waiting = header.flags & wire.Flags.WAITING
+            self._count_from = announce.next_block + (0 if waiting else 1)
         self._timing = NackTiming(
             grtt=announce.grtt_us / 1e6,
             group_size=announce.group_size,
@@ -336,6 +349,7 @@ class Receiver:
         if frontier <= self._frontier:
             return
         for block in range(self._frontier, frontier):
+            self._count_passed(block)
             if not self._done[block]:
                 self._nacks.add(block, now)
         self._frontier = frontier
@@ -353,7 +367,7 @@ class Receiver:
         if header.flags & _REPAIR_FLAG:
             self.stats.repair_packets += 1
         else:
-            self._note_pass_packet(block, symbol)
+            self._note_pass_packet(block)
             self._advance_frontier(block, now)
         if self._done[block]:
             self.stats.duplicate_packets += 1
@@ -385,22 +399,29 @@ class Receiver:
         geometry, timing = self.geometry, self._timing
         if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING:
             return
+        self._backlog_until = now + notice.backlog_us / 1e6
+        backlog = notice.backlog_us / 1e6
         for block, coming in notice.scheduled:
             if block >= geometry.block_count or self._done[block]:
                 continue
             partial = self._partial.get(block)
             need = geometry.symbols_in(block) - (partial.have if partial else 0)
             if need <= coming:
-                self._nacks.covered(block, now, timing.retry_after(coming))
+                self._nacks.covered(block, now, timing.retry_after(coming), backlog)
                 self.stats.nacks_suppressed += 1
 
-    def _note_pass_packet(self, block: int, symbol: int) -> None:
-        assert self.geometry is not None
-        position = block * (self.geometry.block_symbols + self._proactive) + symbol
-        if self._pass_first is None:
-            self._pass_first = position
-        self._pass_last = max(self._pass_last, position)
-        self._pass_received += 1
+    def _note_pass_packet(self, block: int) -> None:
+        if block >= self._frontier:  # a pass packet of a block the pass already left: stale
+            self._pass_counts[block] = self._pass_counts.get(block, 0) + 1
+
+    def _count_passed(self, block: int) -> None:
+        """The pass has moved past ``block``: fold what came of it into the loss totals."""
+        got = self._pass_counts.pop(block, 0)
+        if self._count_from is None or block < self._count_from or self.geometry is None:
+            return
+        expected = self.geometry.symbols_in(block) + self._proactive
+        self._pass_received += min(got, expected)
+        self._pass_lost += max(0, expected - got)
 
     def _complete_block(self, block: int, partial: _PartialBlock, now: float) -> None:
         geometry = self.geometry
@@ -435,8 +456,9 @@ class Receiver:
             needs.append((block, padded_need(k - (partial.have if partial else 0), loss)))
         owed = sum(need for _, need in needs)
         wait = timing.retry_after(owed)
+        backlog = max(0.0, self._backlog_until - now)
         for block in blocks:
-            self._nacks.asked(block, now, wait)
+            self._nacks.asked(block, now, wait, backlog)
         self._nacks.quiet_until = now + timing.drain(owed)
         self._send(wire.Nack(tuple(needs), **self._echo_fields(now)))
         self.stats.nacks_sent += 1

@@ -40,6 +40,8 @@ class RepairQueue:
         self._last_round: dict[int, tuple[float, int]] = {}
         self._next_id: dict[int, int] = {}
         self.suppressed = 0
+        #: Symbols owed over all blocks, kept as a running sum for the backlog estimate.
+        self.total = 0
 
     def __bool__(self) -> bool:
         return bool(self._owed)
@@ -53,12 +55,14 @@ class RepairQueue:
         if owed is not None:
             if need > owed:
                 self._owed[block] = need
+                self.total += need - owed
             return True
         last = self._last_round.get(block)
         if last is not None and now - last[0] < self.holdoff and need <= last[1]:
             self.suppressed += 1
             return False
         self._owed[block] = need
+        self.total += need
         return True
 
     def owed(self, block: int) -> int:
@@ -72,6 +76,7 @@ class RepairQueue:
         """Take up to ``count`` owed symbols of ``block`` for sending; returns how many."""
         owed = self._owed[block]
         taken = min(owed, count)
+        self.total -= taken
         if taken == owed:
             del self._owed[block]
         else:
@@ -210,11 +215,13 @@ class NackScheduler:
             blocks.append(block)
         return blocks
 
-    def asked(self, block: int, now: float, wait: float) -> None:
-        """``block`` went out in a NACK; it is due again after ``wait`` unless it completes."""
+    def asked(self, block: int, now: float, wait: float, backlog: float = 0.0) -> None:
+        """``block`` went out in a NACK; it is due again after ``wait`` (doubling with each
+        retry, up to the cap) plus the sender's announced ``backlog``, unless it completes."""
         attempt = self._attempts.get(block, 0)
         self._attempts[block] = attempt + 1
-        self._reschedule(block, now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT))
+        self._reschedule(block,
+                         now + min(wait * 2 ** min(attempt, 8), MAX_RETRY_WAIT) + backlog)
 
     def progress(self, block: int, now: float, wait: float) -> None:
         """Repair for ``block`` is arriving: ask again only once it has stopped arriving for
@@ -228,11 +235,11 @@ class NackScheduler:
             self._attempts.pop(block, None)
             self._reschedule(block, now + min(wait, MAX_RETRY_WAIT))
 
-    def covered(self, block: int, now: float, wait: float) -> None:
+    def covered(self, block: int, now: float, wait: float, backlog: float = 0.0) -> None:
         """Repair for ``block`` is on its way for someone else's NACK: wait for it, as if
         we had asked, without counting a retry of our own."""
         if block in self._due:
-            self._reschedule(block, now + min(wait, MAX_RETRY_WAIT))
+            self._reschedule(block, now + min(wait, MAX_RETRY_WAIT) + backlog)
 
     def _reschedule(self, block: int, due: float) -> None:
         self._due[block] = due

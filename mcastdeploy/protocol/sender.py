@@ -8,6 +8,7 @@ and an in-memory simulator alike, and never holds more than a small window of th
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.pacing import TokenBucket
+from mcastdeploy.protocol.parity import ProactivePolicy
 from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
 from mcastdeploy.protocol.repair import RepairQueue
 from mcastdeploy.protocol.rtt import GroupRtt
@@ -37,6 +39,9 @@ class SenderConfig:
     block_symbols: int = 32
     #: Repair symbols sent with every block in the data pass, before anyone asks.
     proactive_repair: int = 1
+    #: Size that parity from the group's loss reports (protocol/parity.py), with
+    #: ``proactive_repair`` as the floor.
+    auto_proactive: bool = False
     announce_interval: float = 0.5
     #: Start the pass once this many receivers are known ...
     min_receivers: int = 0
@@ -148,6 +153,10 @@ class Sender:
         self._end_remaining = 0
         self._finished_at = 0.0
         self._proactive_rows: dict[int, np.ndarray] = {}
+        self.parity = (ProactivePolicy(config.block_symbols, config.proactive_repair)
+                       if config.auto_proactive else None)
+        #: Where the proactive parity changed: (first block, parity), ascending.
+        self._parity_changes: list[tuple[int, int]] = [(0, config.proactive_repair)]
 
     # -- the image ----------------------------------------------------------------------
 
@@ -215,6 +224,8 @@ class Sender:
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
             self.rate.report(header.origin, body.packets_received, body.packets_lost)
+            if self.parity is not None:
+                self.parity.report(header.origin, body.packets_received, body.packets_lost)
             if body.state in _STILL_WANTING:
                 # A receiver that says it still lacks blocks is asking, if not in a NACK
                 # right now (its retry may be waiting out a long round trip).
@@ -275,7 +286,8 @@ class Sender:
             self._notices.clear()
             for start in range(0, len(entries), wire.MAX_NACK_ENTRIES):
                 chunk = tuple(entries[start:start + wire.MAX_NACK_ENTRIES])
-                out.append((self._encode(wire.RepairNotice(chunk)), group))
+                out.append((self._encode(wire.RepairNotice(chunk, self._backlog_us())),
+                            group))
                 self.stats.notice_packets += 1
         if self.state is not SenderState.WAITING:
             assert self._bucket is not None
@@ -297,10 +309,32 @@ class Sender:
     # -- internals ------------------------------------------------------------------------
 
     def _update_rate(self, now: float) -> None:
-        """Ask the rate policy once per ANNOUNCE, which then tells receivers the rate."""
+        """Ask the rate and parity policies once per ANNOUNCE, which then tells receivers."""
+        if self.parity is not None and self.state is SenderState.SENDING:
+            self._set_proactive(self.parity.update(now))
         rate = self.rate.update(now)
         if self._bucket is not None and rate != self._bucket.rate_bps:
             self._bucket.set_rate(rate)
+
+    def _backlog_us(self) -> int:
+        """Time to send all repair owed now: receivers add it to their retry wait, since a
+        sender that defers repair during its pass answers later than any round-trip-based
+        guess.  While the pass runs repair gets ``repair_share`` of the packets; once it
+        ends, all of them."""
+        owed = self._repair.total + len(self._ready_repair)
+        per_second = self.rate.rate_bps / (self._packet_bytes * 8)
+        seconds = owed / per_second
+        if self.state is SenderState.SENDING:
+            share = self.config.repair_share
+            remaining = ((self.geometry.block_count - self._pass_block)
+                         * self._pass_symbols(self._pass_block) - self._pass_symbol)
+            during_pass = remaining * share / (1 - share)
+            if owed <= during_pass:
+                seconds = owed / (share * per_second)
+            else:
+                seconds = (remaining / ((1 - share) * per_second)
+                           + (owed - during_pass) / per_second)
+        return min(int(seconds * 1e6), 2**32 - 1)
 
     def _holdoff(self) -> float:
         return max(2 * self.grtt.value, 0.002)
@@ -343,11 +377,12 @@ class Sender:
             rate_bps=int(self.rate.rate_bps),
             grtt_us=int(self.grtt.value * 1e6),
             group_size=max(1, len(self.receivers)),
-            proactive_repair=self.config.proactive_repair,
+            proactive_repair=self._proactive_of(self._pass_block),
             checksum=self.checksum or bytes(32),
             sender_host=self.config.reply_host,
             sender_port=self.config.reply_port,
             timestamp_us=max(1, int(now * 1e6)),
+            backlog_us=self._backlog_us(),
         ), flags)
 
     def _maybe_begin(self, now: float) -> None:
@@ -407,8 +442,22 @@ class Sender:
             else:
                 self.stats.nack_entries_suppressed += 1
 
+    def _proactive_of(self, block: int) -> int:
+        """The proactive parity ``block`` had (or will have) in the pass."""
+        index = bisect.bisect_right(self._parity_changes, (block, wire.MAX_SYMBOL_ID + 1)) - 1
+        return self._parity_changes[index][1]
+
+    def _set_proactive(self, parity: int) -> None:
+        """Change the parity from the next block the pass starts (never mid-block)."""
+        first = self._pass_block + (1 if self._pass_symbol else 0)
+        if parity == self._proactive_of(first):
+            return
+        while self._parity_changes and self._parity_changes[-1][0] >= first:
+            self._parity_changes.pop()
+        self._parity_changes.append((first, parity))
+
     def _pass_symbols(self, block: int) -> int:
-        return self.geometry.symbols_in(block) + self.config.proactive_repair
+        return self.geometry.symbols_in(block) + self._proactive_of(block)
 
     def _has_data_to_send(self) -> bool:
         if self.state in (SenderState.WAITING, SenderState.FINISHED):
@@ -444,7 +493,7 @@ class Sender:
             self.stats.source_packets += 1
         else:
             if symbol == k:  # encode the block's proactive symbols in one codec call
-                ids = list(range(k, k + self.config.proactive_repair))
+                ids = list(range(k, k + self._proactive_of(block)))
                 self._proactive_rows = dict(zip(ids, codec_for(k).encode(array, ids)))
             payload = self._proactive_rows.pop(symbol).data
             self.stats.proactive_packets += 1
@@ -470,7 +519,7 @@ class Sender:
             self._cache.move_to_end(block)
             k = array.shape[0]
             count = self._repair.take(block, 8, now)
-            ids = self._repair.fresh_ids(block, count, k + self.config.proactive_repair)
+            ids = self._repair.fresh_ids(block, count, k + self._proactive_of(block))
             repair_ids = [i for i in ids if i >= k]
             encoded = dict(zip(repair_ids, codec_for(k).encode(array, repair_ids))) \
                 if repair_ids else {}

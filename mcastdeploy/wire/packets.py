@@ -82,7 +82,7 @@ class Announce:
     """Everything a receiver needs to join, repeated periodically so late joiners can."""
 
     TYPE: ClassVar[PacketType] = PacketType.ANNOUNCE
-    BODY: ClassVar[struct.Struct] = struct.Struct("!QHBxIIQIII32sB16sHQ")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!QHBxIIQIII32sB16sHQI")
 
     image_size: int
     symbol_size: int
@@ -99,6 +99,9 @@ class Announce:
     #: The sender's clock when sent (microseconds); receivers echo it so the sender can
     #: measure round trips without synchronised clocks.
     timestamp_us: int = 0
+    #: How long the sender expects to need to send the repair it owes now (microseconds):
+    #: receivers wait that much longer before asking again for what they were promised.
+    backlog_us: int = 0
 
     def body(self) -> bytes:
         ip = ipaddress.ip_address(self.sender_host)
@@ -117,12 +120,13 @@ class Announce:
             ip.packed.ljust(16, b"\0"),
             self.sender_port,
             self.timestamp_us,
+            self.backlog_us,
         )
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Announce":
         (size, sym, k, blocks, next_block, rate, grtt, group, proactive, checksum, family, addr,
-         port, timestamp) = _unpack_exact(cls.BODY, body, "ANNOUNCE")
+         port, timestamp, backlog) = _unpack_exact(cls.BODY, body, "ANNOUNCE")
         if family == 4:
             host = str(ipaddress.IPv4Address(addr[:4]))
         elif family == 6:
@@ -143,7 +147,7 @@ class Announce:
         if next_block > blocks:
             raise WireError("ANNOUNCE: next block beyond the last block")
         return cls(size, sym, k, blocks, next_block, rate, grtt, group, proactive, bytes(checksum),
-                   host, port, timestamp)
+                   host, port, timestamp, backlog)
 
 
 DATA_BODY = struct.Struct("!IB3x")
@@ -176,6 +180,7 @@ NACK_ENTRY = struct.Struct("!IB")
 #: Round-trip echo carried by NACK and STATUS: ANNOUNCE timestamp, microseconds held.
 ECHO = struct.Struct("!QI")
 NACK_COUNT = struct.Struct("!H")
+BACKLOG = struct.Struct("!I")
 #: Keeps a NACK inside one 1500-byte Ethernet frame.
 MAX_NACK_ENTRIES = 250
 
@@ -235,13 +240,18 @@ class RepairNotice:
     TYPE: ClassVar[PacketType] = PacketType.REPAIR_NOTICE
 
     scheduled: tuple[tuple[int, int], ...]  # (block, symbols coming)
+    backlog_us: int = 0  # as in ANNOUNCE: time to send all repair owed, these included
 
     def body(self) -> bytes:
-        return _pack_block_counts("REPAIR_NOTICE", self.scheduled)
+        return BACKLOG.pack(self.backlog_us) + _pack_block_counts("REPAIR_NOTICE",
+                                                                  self.scheduled)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "RepairNotice":
-        return cls(_unpack_block_counts("REPAIR_NOTICE", body))
+        if len(body) < BACKLOG.size:
+            raise WireError("REPAIR_NOTICE: truncated")
+        (backlog,) = BACKLOG.unpack_from(body)
+        return cls(_unpack_block_counts("REPAIR_NOTICE", body[BACKLOG.size:]), backlog)
 
 
 class ReceiverState(enum.IntEnum):

@@ -60,6 +60,17 @@ def parse_rate_setting(text: str) -> tuple[Optional[str], Optional[int]]:
     return "fixed", parse_rate(text)
 
 
+def parse_proactive_setting(text: str) -> tuple[str, Optional[int]]:
+    """'2' -> ('fixed', 2); 'auto' -> ('auto', None: keep the spec's count as the floor);
+    'auto:3' -> ('auto', 3)."""
+    word, colon, rest = str(text).strip().partition(":")
+    mode, number = ("auto", rest if colon else None) if word.lower() == "auto" \
+        else ("fixed", str(text).strip())
+    if number is not None and not number.isdigit():
+        raise SpecError(f"bad proactive repair {text!r}: use a count or auto[:N]")
+    return mode, int(number) if number is not None else None
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     session_id: str  # 16 hex digits

@@ -21,7 +21,8 @@ from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_session import run_send
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
-from mcastdeploy.spec import SessionSpec, SpecError, new_session, parse_rate, parse_rate_setting
+from mcastdeploy.spec import (SessionSpec, SpecError, new_session, parse_proactive_setting,
+                              parse_rate, parse_rate_setting)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -57,58 +58,29 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class RateType(click.ParamType):
-    name = "RATE"
+class SpecValueType(click.ParamType):
+    """A command-line value parsed by one of the spec's parsers; their SpecError becomes
+    click's usage error (exit 2, one line)."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
 
     def convert(self, value: Any, param: Optional[click.Parameter],
-                ctx: Optional[click.Context]) -> int:
-        if isinstance(value, int):
-            return value
+                ctx: Optional[click.Context]) -> Any:
+        if not isinstance(value, str):
+            return value  # a default already converted
         try:
-            return parse_rate(value)
+            return self._parse(value)
         except SpecError as error:
             self.fail(str(error), param, ctx)
 
 
-RATE = RateType()
-
-
-class RateSettingType(click.ParamType):
-    """A fixed rate, or ``auto`` / ``auto:CEILING`` for loss-driven rate control."""
-
-    name = "RATE|auto[:RATE]"
-
-    def convert(self, value: Any, param: Optional[click.Parameter],
-                ctx: Optional[click.Context]) -> tuple[Optional[str], Optional[int]]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_rate_setting(value)
-        except SpecError as error:
-            self.fail(str(error), param, ctx)
-
-
-RATE_SETTING = RateSettingType()
-
-
-class ProactiveType(click.ParamType):
-    """N repair symbols per block, or ``auto`` / ``auto:N`` (at least N) sized from loss."""
-
-    name = "N|auto[:N]"
-
-    def convert(self, value: Any, param: Optional[click.Parameter],
-                ctx: Optional[click.Context]) -> tuple[str, Optional[int]]:
-        if isinstance(value, tuple):
-            return value
-        word, colon, rest = str(value).strip().partition(":")
-        mode, number = ("auto", rest if colon else None) if word.lower() == "auto" \
-            else ("fixed", str(value).strip())
-        if number is not None and not number.isdigit():
-            self.fail(f"bad proactive repair {value!r}: use a count or auto[:N]", param, ctx)
-        return mode, int(number) if number is not None else None
-
-
-PROACTIVE = ProactiveType()
+RATE = SpecValueType("RATE", parse_rate)
+#: A fixed rate, or ``auto`` / ``auto:CEILING`` for loss-driven rate control.
+RATE_SETTING = SpecValueType("RATE|auto[:RATE]", parse_rate_setting)
+#: N repair symbols per block, or ``auto`` / ``auto:N`` (at least N) sized from loss.
+PROACTIVE = SpecValueType("N|auto[:N]", parse_proactive_setting)
 
 
 def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:

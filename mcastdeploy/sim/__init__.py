@@ -1,6 +1,6 @@
 """Simulated time and a seeded lossy network for driving the real protocol objects."""
 
 from mcastdeploy.sim.harness import Simulation, SimResult
-from mcastdeploy.sim.network import BurstLoss, LossModel
+from mcastdeploy.sim.network import BurstLoss, GroupLossModel, LossModel
 
-__all__ = ["BurstLoss", "LossModel", "SimResult", "Simulation"]
+__all__ = ["BurstLoss", "GroupLossModel", "LossModel", "SimResult", "Simulation"]

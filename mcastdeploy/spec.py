@@ -51,7 +51,11 @@ RATE_MODES = ("fixed", "auto")
 PROACTIVE_MODES = ("fixed", "auto")
 
 
-def parse_rate_setting(text: str) -> tuple[Optional[str], Optional[int]]:
+#: (mode, bits per second): None for either leaves the spec's value as it is.
+RateSetting = tuple[Optional[str], Optional[int]]
+
+
+def parse_rate_setting(text: str) -> RateSetting:
     """'500M' -> ('fixed', 500M); 'auto' -> ('auto', None: keep the spec's rate as the
     ceiling); 'auto:1G' -> ('auto', 1G)."""
     word, colon, rest = str(text).strip().partition(":")

@@ -21,8 +21,8 @@ from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_session import run_send
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
-from mcastdeploy.spec import (SessionSpec, SpecError, new_session, parse_proactive_setting,
-                              parse_rate, parse_rate_setting)
+from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
+                              parse_proactive_setting, parse_rate, parse_rate_setting)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -101,7 +101,7 @@ def _network_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load_spec(path: str, group: Optional[str], port: Optional[int],
                interface: Optional[str],
-               rate: Optional[tuple[Optional[str], Optional[int]]]) -> SessionSpec:
+               rate: Optional[RateSetting]) -> SessionSpec:
     spec = SessionSpec.load(path)
     if group is not None:
         check_group(group)
@@ -167,7 +167,7 @@ def session() -> None:
               help="Write the spec here (mode 0600) instead of printing it.")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
-                rate: Optional[tuple[Optional[str], Optional[int]]], ttl: Optional[int],
+                rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
                 output: Optional[str]) -> None:
@@ -232,7 +232,7 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
 @_one_line_errors
 def send(session_path: str, min_receivers: int, wait: Optional[float], linger: float,
          group: Optional[str], port: Optional[int], interface: Optional[str],
-         rate: Optional[tuple[Optional[str], Optional[int]]], as_json: bool, progress: str,
+         rate: Optional[RateSetting], as_json: bool, progress: str,
          image: str) -> None:
     """Multicast IMAGE to every receiver of the session."""
     spec = _load_spec(session_path, group, port, interface, rate)
@@ -250,7 +250,7 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
 def recv(session_path: str, timeout: float, group: Optional[str], port: Optional[int],
-         interface: Optional[str], rate: Optional[tuple[Optional[str], Optional[int]]],
+         interface: Optional[str], rate: Optional[RateSetting],
          as_json: bool, progress: str,
          target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""

@@ -399,8 +399,8 @@ class Receiver:
         geometry, timing = self.geometry, self._timing
         if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING:
             return
-        self._backlog_until = now + notice.backlog_us / 1e6
         backlog = notice.backlog_us / 1e6
+        self._backlog_until = now + backlog
         for block, coming in notice.scheduled:
             if block >= geometry.block_count or self._done[block]:
                 continue

@@ -271,7 +271,7 @@ class Sender:
             self._count(out)
             return out
         if now >= self._next_announce:
-            self._update_rate(now)
+            self._consult_policies(now)
             out.append((self._announce(now), group))
             self.grtt.end_window()
             self.stats.announce_packets += 1
@@ -308,7 +308,7 @@ class Sender:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _update_rate(self, now: float) -> None:
+    def _consult_policies(self, now: float) -> None:
         """Ask the rate and parity policies once per ANNOUNCE, which then tells receivers."""
         if self.parity is not None and self.state is SenderState.SENDING:
             self._set_proactive(self.parity.update(now))

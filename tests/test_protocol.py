@@ -476,6 +476,34 @@ def test_repair_backlog_does_not_stall_the_pass(share: float) -> None:
     assert sum(steady) == pytest.approx(100 * share, abs=2)
 
 
+def test_pass_accounting_counts_repair_interleaved_in_the_pass() -> None:
+    """pass_bytes_sent is what a loss-free receiver waits for, whatever the clock says."""
+    image = random_image(60 * 512)  # k=8 x 64 B: 60 blocks
+    header = len(wire.encode_data_header(SID, SENDER_ORIGIN, 0, 0))
+
+    def run(nack: bool) -> Sender:
+        sender = make_sender(len(image), block_symbols=8, proactive_repair=0,
+                             repair_share=0.2, rate_bps=1e6)
+        sender.start(0.0)
+        now, _ = drive(sender, image, 0.0, 10.0, stop=lambda s: s.pass_position() >= 30)
+        if nack:  # a receiver lost all of 30 blocks: more repair than the share allows
+            needs = tuple((b, 8) for b in range(30))
+            sender.receive_datagram(reply(wire.Nack(needs), 1), ("10.0.0.1", 1), now)
+        drive(sender, image, now, 60.0, stop=lambda s: s.state is SenderState.REPAIRING)
+        assert sender.state is SenderState.REPAIRING
+        return sender
+
+    quiet, busy = run(nack=False), run(nack=True)
+    source_bytes = 60 * 8 * (header + 64)
+    assert source_bytes <= quiet.stats.pass_bytes_sent <= source_bytes * 1.05  # + ANNOUNCEs
+    assert 0 < busy.stats.repair_packets < busy.stats.repairs_requested  # some still owed
+    # Repair took at most its share (0.2) of the pass, so the pass grew by at most 1/0.8.
+    assert quiet.stats.pass_bytes_sent < busy.stats.pass_bytes_sent
+    assert busy.stats.pass_bytes_sent <= quiet.stats.pass_bytes_sent / 0.8 * 1.02
+    # At a fixed rate, the pass's length in seconds follows its bytes.
+    assert busy.stats.pass_seconds / quiet.stats.pass_seconds == pytest.approx(
+        busy.stats.pass_bytes_sent / quiet.stats.pass_bytes_sent, rel=0.05)
+
 def test_sender_ignores_foreign_and_invalid_datagrams() -> None:
     image = random_image(1000)
     sender = make_sender(len(image), min_receivers=1)

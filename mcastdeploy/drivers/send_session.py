@@ -44,6 +44,10 @@ class SendSummary:
     sha256: str
     #: The send rate at the end: the spec's, or where automatic rate control settled.
     rate_bps: int
+    #: The data pass alone (repair interleaved in it included): what receivers that
+    #: lost nothing waited for.
+    pass_seconds: float
+    pass_bytes_sent: int
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -132,7 +136,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
         receivers=known, receivers_done=done, sha256=checksum.hex(),
-        rate_bps=int(sender.rate.rate_bps))
+        rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
+        pass_bytes_sent=stats.pass_bytes_sent)
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

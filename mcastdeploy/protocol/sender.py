@@ -115,6 +115,12 @@ class SenderStats:
     nack_entries_suppressed: int = 0
     invalid_packets: int = 0
     foreign_packets: int = 0
+    #: Bytes on the wire from the pass's start to its last block (to within one batch),
+    #: repair interleaved included: at a fixed rate this, not a clock, says how much a
+    #: lossy receiver delayed the receivers that lost nothing.
+    pass_bytes_sent: int = 0
+    #: Seconds from the pass's start to its last block; 0 until the pass is complete.
+    pass_seconds: float = 0.0
 
 
 _END_COPIES = 3
@@ -136,6 +142,7 @@ class Sender:
         self._packet_bytes = wire.HEADER_SIZE + 8 + config.symbol_size
         self._bucket: Optional[TokenBucket] = None
         self._started_at = 0.0
+        self._pass_started_at = 0.0
         self._next_announce = 0.0
         self._last_request = 0.0
         self._events: deque[events.Event] = deque()
@@ -289,6 +296,7 @@ class Sender:
                 out.append((self._encode(wire.RepairNotice(chunk, self._backlog_us())),
                             group))
                 self.stats.notice_packets += 1
+        in_pass = self.state is SenderState.SENDING
         if self.state is not SenderState.WAITING:
             assert self._bucket is not None
             while len(out) < self.config.max_batch:
@@ -301,6 +309,8 @@ class Sender:
                     break
                 out.append((datagram, group))
         self._count(out)
+        if in_pass:
+            self.stats.pass_bytes_sent += sum(len(datagram) for datagram, _ in out)
         return out
 
     def next_event(self) -> Optional[events.Event]:
@@ -394,6 +404,7 @@ class Sender:
         if enough or timed_out:
             self.state = SenderState.SENDING
             self._next_announce = now  # tell everyone at once that the pass begins
+            self._pass_started_at = now
             self._events.append(events.TransferStarted(len(self.receivers)))
 
     def _all_done(self) -> bool:
@@ -507,6 +518,7 @@ class Sender:
                 self.state = SenderState.REPAIRING
                 self._last_request = now
                 self._next_announce = now  # announce PASS_COMPLETE at once
+                self.stats.pass_seconds = now - self._pass_started_at
                 self._events.append(events.PassComplete())
         return datagram
 

@@ -89,6 +89,8 @@ def test_too_few_packets_decide_nothing() -> None:
     group = Group(control, 3)
     assert group.interval({}, packets=ratecontrol.MIN_PACKETS - 1) == 100 * M
     assert control.history == []
+    # Those packets are not thrown away: with the next few they make an interval.
+    assert group.interval({}, packets=2) == pytest.approx(100 * M * ratecontrol.INCREASE)
 
 
 def test_bad_bounds_are_refused() -> None:

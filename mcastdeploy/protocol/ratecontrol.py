@@ -17,6 +17,9 @@ one sender, one switch and no competing multicast flow:
   stays within [floor, ceiling]; the operator's rate is the ceiling.
 * After a decrease the next interval is skipped: its reports still mix the old rate in,
   and acting on them would cut twice for one episode.
+* An interval with too few packets to judge (``MIN_PACKETS``: the pass has only just
+  begun, or nothing is being sent) is not thrown away: its counts carry on into the
+  next call, so the first judged interval of a pass is never a handful of packets.
 
 Multiplicative increase (rather than TCP's additive one) reaches a 1 Gbit/s ceiling from
 an eighth of it in about 15 s; there is no flow to be fair to, only a queue not to
@@ -119,11 +122,12 @@ class AutoRate:
             return self.rate_bps
         if now < self._next_decision:
             return self.rate_bps
-        self._next_decision = now + self.interval
         loss = self.group_loss()
-        self._mark()
         if loss is None:
+            # Too few packets to judge: keep counting and look again at the next call.
             return self.rate_bps
+        self._next_decision = now + self.interval
+        self._mark()
         self._recent.append(loss)
         if self._skip:
             self._skip = False

@@ -12,18 +12,39 @@ one sender, one switch and no competing multicast flow:
 * **Base loss** is the lowest group loss seen in the last ``BASE_WINDOW`` intervals: the
   loss the links have whatever the rate (1 % random loss stays 1 % at any rate).
   Congestion is loss *above* that, which is loss the rate itself causes.
-* Group loss more than ``CONGESTED`` above base: multiply the rate by ``DECREASE``.
-  Within ``CLEAN`` of base: multiply it by ``INCREASE``.  In between: hold.  The rate
-  stays within [floor, ceiling]; the operator's rate is the ceiling.
+* **Slow start.**  The rate starts at an eighth of the ceiling and *doubles* after every
+  interval within ``CLEAN`` of base, so it reaches the ceiling after three clean
+  intervals.  Slow start ends for good at the ceiling, or at the first interval more
+  than ``CONGESTED`` above base: the rate then falls to what the group received,
+  rate × (1 − loss), cut at least by ``DECREASE`` and at most by half, and the rule
+  below takes over.  In between it holds, still in slow start: the first interval's
+  small sample can put the base a point too low, and that must not end slow start on
+  noise.
+* After slow start: group loss more than ``CONGESTED`` above base multiplies the rate
+  by ``DECREASE``; within ``CLEAN`` of base, by ``INCREASE``; in between it holds.
+* The rate stays within [floor, ceiling]; the operator's rate is the ceiling.
 * After a decrease the next interval is skipped: its reports still mix the old rate in,
   and acting on them would cut twice for one episode.
 * An interval with too few packets to judge (``MIN_PACKETS``: the pass has only just
   begun, or nothing is being sent) is not thrown away: its counts carry on into the
   next call, so the first judged interval of a pass is never a handful of packets.
 
-Multiplicative increase (rather than TCP's additive one) reaches a 1 Gbit/s ceiling from
-an eighth of it in about 15 s; there is no flow to be fair to, only a queue not to
-overrun.
+Why doubling is safe here: there is one sender, one switch and no other flow to be fair
+to, only a queue not to overrun, and the operator's ceiling bounds the overshoot.  The
+sender consults the policy at every ANNOUNCE (every 0.5 s) and it decides once per
+``interval`` (1 s); receivers send STATUS once a second, so a verdict covers the second
+before each receiver's last STATUS: partly the rate set one decision earlier, partly the
+current one.  A doubling that overruns the queue therefore shows at the next decision.  An overrun queue drops the excess, so
+rate × (1 − loss) is what the bottleneck passes when the reports covered the current
+rate; when they still mix in the previous, lower one, the loss understates the overrun,
+hence the cut is at least ``DECREASE``.  It is at most half, since the rate before the
+doubling was clean.  If the reports lagged a whole doubling, the cut rate still loses
+and ``DECREASE`` cuts it again two intervals later (the one after a cut is skipped).
+The packets lost meanwhile are repaired like any others.  Starting at an eighth of the
+ceiling costs at most about two seconds of sending at the ceiling; the former ×1.15
+climb took about 15 s at a 1 Gbit/s ceiling, longer than a 256 MiB image takes at that
+rate.  After slow start the increase stays multiplicative but gentle, so the rate
+settles near a bottleneck instead of swinging between half and twice it.
 """
 
 from __future__ import annotations
@@ -41,6 +62,9 @@ CONGESTED = 0.02
 CLEAN = 0.005
 DECREASE = 0.7
 INCREASE = 1.15
+#: Slow start multiplies the rate by this per clean interval, and divides it by this
+#: when congestion ends slow start.
+SLOW_START = 2.0
 #: A receiver's interval counts only with this many pass packets in it.
 MIN_PACKETS = 50
 
@@ -80,14 +104,17 @@ class _Counters:
 
 @dataclass
 class AutoRate:
-    """Backs off when the group's loss rises above what its links always lose; probes up
-    when it does not (the rule is in the module docstring)."""
+    """Doubles from a low start until the group's loss rises above what its links always
+    lose, then backs off on such loss and probes up gently without it (the rule is in the
+    module docstring)."""
 
     ceiling_bps: float
     floor_bps: float = 1e6
     start_bps: Optional[float] = None
     interval: float = 1.0
     rate_bps: float = field(init=False)
+    #: True until the first congestion or the ceiling: clean intervals double the rate.
+    slow_start: bool = field(default=True, init=False)
     #: (time, group loss, rate) of every decision, for reports and tests.
     history: list[tuple[float, float, float]] = field(default_factory=list, init=False)
 
@@ -96,6 +123,7 @@ class AutoRate:
             raise ValueError("need 0 < floor <= ceiling")
         start = self.start_bps if self.start_bps is not None else self.ceiling_bps / 8
         self.rate_bps = min(max(start, self.floor_bps), self.ceiling_bps)
+        self.slow_start = self.rate_bps < self.ceiling_bps
         self._receivers: dict[int, _Counters] = {}
         self._recent: deque[float] = deque(maxlen=BASE_WINDOW)
         self._next_decision: Optional[float] = None
@@ -132,15 +160,25 @@ class AutoRate:
         if self._skip:
             self._skip = False
             return self.rate_bps
-        base = min(self._recent)
-        rate = self.rate_bps
-        if loss > base + CONGESTED:
-            rate = max(self.floor_bps, rate * DECREASE)
-        elif loss <= base + CLEAN:
-            rate = min(self.ceiling_bps, rate * INCREASE)
+        rate = self._decide(loss, base=min(self._recent))
         self._skip = rate < self.rate_bps
         self.rate_bps = rate
         self.history.append((now, loss, rate))
+        return rate
+
+    def _decide(self, loss: float, base: float) -> float:
+        """The next rate for an interval's group loss against the links' own."""
+        rate = self.rate_bps
+        if loss > base + CONGESTED:
+            cut = DECREASE
+            if self.slow_start:
+                # Down to what the group received, within one doubling's overshoot.
+                cut = min(DECREASE, max(1 / SLOW_START, 1 - loss))
+                self.slow_start = False
+            return max(self.floor_bps, rate * cut)
+        if loss <= base + CLEAN:
+            rate = min(self.ceiling_bps, rate * (SLOW_START if self.slow_start else INCREASE))
+            self.slow_start = self.slow_start and rate < self.ceiling_bps
         return rate
 
     def _mark(self) -> None:

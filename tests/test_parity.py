@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from mcastdeploy import wire
@@ -58,9 +60,34 @@ def test_parity_is_capped_at_a_quarter_of_k() -> None:
     assert decided({r: 0.3 for r in range(100)}, k=240).proactive == wire.MAX_SYMBOL_ID + 1 - 240
 
 
-def test_no_decision_without_enough_packets() -> None:
-    policy = decided({r: 0.05 for r in range(10)}, packets=parity.MIN_PACKETS - 1, floor=2)
-    assert policy.proactive == 2 and policy.history == []
+def test_before_any_report_a_large_group_starts_from_the_prior() -> None:
+    small, large = ProactivePolicy(32, 1), ProactivePolicy(32, 1)
+    assert small.update(0.0, group_size=8) == 1
+    prior = Counter({parity.PRIOR_LOSS: 10_000})
+    p = large.update(0.0, group_size=10_000)
+    assert p > 1 and expected_askers(32, p, prior) <= parity.TARGET_ASKERS
+    assert expected_askers(32, p - 1, prior) > parity.TARGET_ASKERS
+    # Reports of a clean group then bring it down to the floor at the next decision.
+    for receiver in range(10_000):
+        large.report(receiver, 5_000, 0)
+    assert large.update(large.interval, group_size=10_000) == 1
+
+
+def test_noise_in_short_reports_buys_no_parity() -> None:
+    """10,000 receivers at 1 % that have each reported 200 packets: their measured rates
+    spread from 0 to 4 %, yet the parity is what 1 % exactly needs."""
+    rng = np.random.default_rng(5)
+    noisy = ProactivePolicy(32, 1)
+    for receiver, lost in enumerate(rng.binomial(200, 0.01, size=10_000)):
+        noisy.report(receiver, 200 - int(lost), int(lost))
+    assert noisy.update(0.0, group_size=10_000) == decided(
+        {r: 0.01 for r in range(10_000)}).proactive
+
+
+def test_receivers_that_really_lose_more_are_counted_once_their_reports_are_long() -> None:
+    group = {**{r: 0.01 for r in range(1000)}, **{r: 0.03 for r in range(1000, 1100)}}
+    assert (decided(group, packets=100_000).proactive
+            > decided({r: 0.01 for r in range(1100)}, packets=100_000).proactive)
 
 
 def test_sender_changes_parity_between_blocks_and_keeps_repair_ids_fresh() -> None:

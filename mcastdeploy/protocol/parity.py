@@ -14,6 +14,16 @@ NACK per block), between the operator's starting value as a floor and k/4 as a c
 Receivers whose loss is far above the group's (more than ``OUTLIER_FACTOR`` times the
 median and ``OUTLIER_MARGIN`` above it) are left out: parity for them would be paid by
 everyone, and the slowest receiver never sets the pace; they catch up through repair.
+
+Estimates, not counts.  A receiver at 1 % loss that has reported 200 packets measures
+anywhere between 0 and 3 %; across 10,000 receivers the top of that spread would buy
+parity for loss nobody has.  So each receiver's rate is shrunk toward the group's pooled
+rate by ``SHRINK_PACKETS`` packets of evidence (an empirical-Bayes estimate): noise
+vanishes, and a receiver that really loses more stands out once its own packets outweigh
+the shrinkage.  Before anyone has reported, and for receivers that have not yet, the
+group's rate stands in, itself starting from ``PRIOR_LOSS``: the first blocks of a large
+group are sent as if loss were 1 %, because being wrong the other way costs a NACK
+implosion, while the price of a wrong guess is a few percent of one decision interval.
 """
 
 from __future__ import annotations
@@ -27,8 +37,12 @@ from typing import Optional
 from mcastdeploy.wire import MAX_SYMBOL_ID
 
 TARGET_ASKERS = 1.0
-#: A receiver's estimate counts once it has this many pass packets behind it.
-MIN_PACKETS = 200
+#: The group's loss before it has reported anything ...
+PRIOR_LOSS = 0.01
+#: ... weighed as this many packets against what receivers report.
+PRIOR_PACKETS = 1_000
+#: Each receiver's rate is pulled toward the group's by this many packets.
+SHRINK_PACKETS = 2_000
 OUTLIER_FACTOR = 4.0
 OUTLIER_MARGIN = 0.02
 #: Loss estimates are grouped at this resolution, so a decision costs the same for 10
@@ -73,10 +87,19 @@ class ProactivePolicy:
     def report(self, receiver: int, received: int, lost: int) -> None:
         self._reports[receiver] = (received, lost)
 
-    def losses(self) -> Counter:
-        """Histogram of the loss rates that count (enough packets, not outliers)."""
-        rates = [lost / (received + lost) for received, lost in self._reports.values()
-                 if received + lost >= MIN_PACKETS]
+    def group_loss(self) -> float:
+        """The pooled loss of every report, with the prior for weight when there are few."""
+        received = sum(counts[0] for counts in self._reports.values())
+        lost = sum(counts[1] for counts in self._reports.values())
+        return (lost + PRIOR_PACKETS * PRIOR_LOSS) / (received + lost + PRIOR_PACKETS)
+
+    def losses(self, group_size: int = 0) -> Counter:
+        """Histogram of the loss rates that count: every receiver's shrunk estimate, those
+        not yet heard from at the group's rate, outliers left out."""
+        pooled = self.group_loss()
+        rates = [(lost + SHRINK_PACKETS * pooled) / (received + lost + SHRINK_PACKETS)
+                 for received, lost in self._reports.values()]
+        rates += [pooled] * max(0, group_size - len(rates))
         if not rates:
             return Counter()
         median = statistics.median(rates)
@@ -84,12 +107,13 @@ class ProactivePolicy:
         return Counter(round(rate / LOSS_RESOLUTION) * LOSS_RESOLUTION
                        for rate in rates if rate <= limit)
 
-    def update(self, now: float) -> int:
-        """Called periodically; returns the parity to send with each block from now on."""
+    def update(self, now: float, group_size: int = 0) -> int:
+        """Called periodically with the number of receivers the sender knows; returns the
+        parity to send with each block from now on."""
         if self._next_decision is not None and now < self._next_decision:
             return self.proactive
         self._next_decision = now + self.interval
-        losses = self.losses()
+        losses = self.losses(group_size)
         if not losses:
             return self.proactive
         k = self.block_symbols

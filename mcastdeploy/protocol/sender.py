@@ -321,7 +321,7 @@ class Sender:
     def _consult_policies(self, now: float) -> None:
         """Ask the rate and parity policies once per ANNOUNCE, which then tells receivers."""
         if self.parity is not None and self.state is SenderState.SENDING:
-            self._set_proactive(self.parity.update(now))
+            self._set_proactive(self.parity.update(now, len(self.receivers)))
         rate = self.rate.update(now)
         if self._bucket is not None and rate != self._bucket.rate_bps:
             self._bucket.set_rate(rate)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from mcastdeploy import wire
+from mcastdeploy.wire.seal import new_key
 
 SPEC_VERSION = 1
 DEFAULT_PORT = 6790
@@ -79,6 +80,9 @@ def parse_proactive_setting(text: str) -> tuple[str, Optional[int]]:
 class SessionSpec:
     session_id: str  # 16 hex digits
     group: str
+    #: The session secret, 64 hex digits: every packet is authenticated with a key derived
+    #: from it (wire/seal.py).  Whoever holds the spec can join the session, or forge it.
+    key: str
     port: int = DEFAULT_PORT
     interface: Optional[str] = None
     ttl: int = 1
@@ -95,6 +99,8 @@ class SessionSpec:
     #: Pinned by the operator (or Ironic's image checksum): receivers refuse anything else.
     image_sha256: Optional[str] = None
     image_size: Optional[int] = None
+    #: Encrypt payloads too, not only authenticate them (images with secrets in them).
+    encrypt: bool = False
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -103,6 +109,10 @@ class SessionSpec:
     @property
     def session_number(self) -> int:
         return int(self.session_id, 16)
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.key)
 
     @property
     def image_checksum(self) -> Optional[bytes]:
@@ -123,7 +133,7 @@ class SessionSpec:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise SpecError(f"unknown session spec field {unknown[0]!r}")
-        missing = [name for name in ("session_id", "group") if name not in data]
+        missing = [name for name in ("session_id", "group", "key") if name not in data]
         if missing:
             raise SpecError(f"session spec lacks {missing[0]!r}")
         try:
@@ -162,11 +172,12 @@ class SessionSpec:
 
 
 def new_session(**settings: Any) -> SessionSpec:
-    """A fresh spec: random session id and, unless given, a random group in 239.192/14."""
+    """A fresh spec: random session id and key and, unless given, a random group in
+    239.192/14."""
     if settings.get("group") is None:
         offset = secrets.randbelow(DEFAULT_GROUP_RANGE.num_addresses - 2) + 1
         settings["group"] = str(DEFAULT_GROUP_RANGE.network_address + offset)
-    return SessionSpec(session_id=secrets.token_hex(8),
+    return SessionSpec(session_id=secrets.token_hex(8), key=new_key().hex(),
                        **{k: v for k, v in settings.items() if v is not None})
 
 
@@ -181,6 +192,11 @@ def _validate(spec: SessionSpec) -> None:
                         f"(this is version {SPEC_VERSION})")
     if not isinstance(spec.session_id, str) or not re.fullmatch(r"[0-9a-f]{16}", spec.session_id):
         raise SpecError("session spec field 'session_id' must be 16 lowercase hex digits")
+    if not isinstance(spec.key, str) or not re.fullmatch(r"[0-9a-f]{64}", spec.key):
+        raise SpecError("session spec field 'key' must be 64 lowercase hex digits "
+                        "(make one with 'mcastdeploy session new')")
+    if not isinstance(spec.encrypt, bool):
+        raise SpecError("session spec field 'encrypt' must be true or false")
     try:
         group = ipaddress.IPv4Address(spec.group)
     except (ValueError, TypeError):

@@ -32,16 +32,22 @@ def image(tmp_path):
     return str(path)
 
 
+KEY = '"key": "%s", ' % ("ab" * 32)
+
+
 @pytest.mark.parametrize("content, fragment", [
     (None, "cannot read session spec"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "is a JSON object"),
     ('{"group": "239.1.1.1"}', "lacks 'session_id'"),
-    ('{"session_id": "0123456789abcdef", "group": "10.1.1.1"}', "not a multicast address"),
-    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "port": 70000}', "'port'"),
-    ('{"session_id": "xyz", "group": "239.1.1.1"}', "'session_id'"),
-    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "color": 1}', "'color'"),
-    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "version": 9}', "version 9"),
+    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1"}', "lacks 'key'"),
+    ('{%s"session_id": "0123456789abcdef", "group": "10.1.1.1"}' % KEY, "not a multicast address"),
+    ('{%s"session_id": "0123456789abcdef", "group": "239.1.1.1", "port": 70000}' % KEY, "'port'"),
+    ('{%s"session_id": "xyz", "group": "239.1.1.1"}' % KEY, "'session_id'"),
+    ('{"session_id": "0123456789abcdef", "group": "239.1.1.1", "key": "00"}', "'key'"),
+    ('{%s"session_id": "0123456789abcdef", "group": "239.1.1.1", "color": 1}' % KEY, "'color'"),
+    ('{%s"session_id": "0123456789abcdef", "group": "239.1.1.1", "version": 9}' % KEY,
+     "version 9"),
 ])
 def test_unusable_session_spec(tmp_path, image, content, fragment):
     spec = tmp_path / "spec.json"

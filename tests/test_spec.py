@@ -78,8 +78,18 @@ def test_replace_ignores_unset_overrides():
     ({"port": True}, "'port'"),
     ({"rate_mode": "turbo"}, "'rate_mode'"),
     ({"proactive_mode": "more"}, "'proactive_mode'"),
+    ({"key": "ab" * 31}, "'key'"),
+    ({"key": "AB" * 32}, "'key'"),
+    ({"key": None}, "'key'"),
+    ({"encrypt": "yes"}, "'encrypt'"),
 ])
 def test_validation(changes, fragment):
     data = json.loads(new_session().to_json()) | changes
     with pytest.raises(SpecError, match=fragment):
         SessionSpec.from_dict(data)
+
+
+def test_every_new_session_has_its_own_key():
+    first, second = new_session(), new_session()
+    assert first.key != second.key
+    assert len(first.key_bytes) == 32 and first.encrypt is False

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from mcastdeploy import wire
+from mcastdeploy.wire.seal import OVERHEAD as SEAL_OVERHEAD
 from mcastdeploy.wire.seal import new_key
 
 SPEC_VERSION = 1
@@ -212,7 +213,7 @@ def _validate(spec: SessionSpec) -> None:
     if spec.rate_mode not in RATE_MODES:
         raise SpecError(f"session spec field 'rate_mode' must be one of {', '.join(RATE_MODES)}")
     _check_int("symbol_size", spec.symbol_size, 16,
-               wire.MAX_DATAGRAM - wire.HEADER_SIZE - 8)
+               wire.MAX_DATAGRAM - wire.HEADER_SIZE - 8 - SEAL_OVERHEAD)
     _check_int("block_symbols", spec.block_symbols, 1, wire.MAX_BLOCK_SYMBOLS)
     _check_int("proactive_repair", spec.proactive_repair, 0,
                wire.MAX_SYMBOL_ID + 1 - spec.block_symbols)

@@ -16,6 +16,7 @@ from mcastdeploy.drivers.target import Target, TargetError, check_target
 from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicast_socket,
                                      resolve_interface)
 from mcastdeploy.protocol import events
+from mcastdeploy.protocol.intake import rejected
 from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
 from mcastdeploy.spec import SessionSpec
 
@@ -43,6 +44,8 @@ class RecvSummary:
     packets_lost: int
     blocks_recovered: int
     sha256: str
+    #: Datagrams refused before parsing, by reason (protocol/intake.py).
+    rejected: dict
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "recv"}
@@ -72,7 +75,8 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicas
          on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.image_checksum,
-                                       timeout=timeout),
+                                       timeout=timeout, key=spec.key_bytes,
+                                       encrypt=spec.encrypt),
                         origin=secrets.randbits(32))
     started = time.monotonic()
     target: Optional[Target] = None
@@ -127,6 +131,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicas
         packets_lost=receiver.packets_lost,
         blocks_recovered=stats.blocks_recovered,
         sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
+        rejected=rejected(stats),
     )
 
 

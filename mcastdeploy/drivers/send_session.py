@@ -11,6 +11,7 @@ from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
 from mcastdeploy.protocol import events
+from mcastdeploy.protocol.intake import rejected
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
@@ -48,6 +49,8 @@ class SendSummary:
     #: lost nothing waited for.
     pass_seconds: float
     pass_bytes_sent: int
+    #: Datagrams refused before parsing, by reason (protocol/intake.py).
+    rejected: dict
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -97,6 +100,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         linger=linger,
         reply_host=reply_host,
         reply_port=reply_port,
+        key=spec.key_bytes,
+        encrypt=spec.encrypt,
     )
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum)
     geometry = sender.geometry
@@ -137,7 +142,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
         receivers=known, receivers_done=done, sha256=checksum.hex(),
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
-        pass_bytes_sent=stats.pass_bytes_sent)
+        pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats))
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

@@ -21,7 +21,7 @@ from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
-from mcastdeploy.protocol.intake import admit
+from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
 
 Address = tuple
@@ -41,6 +41,9 @@ class ReceiverConfig:
     #: Copies of DONE sent (spaced by ``done_spacing``) before finishing.
     done_copies: int = 3
     done_spacing: float = 0.02
+    #: The session secret (32 bytes): see SenderConfig.key.
+    key: Optional[bytes] = None
+    encrypt: bool = False
 
 
 _REPAIR_FLAG = int(wire.Flags.REPAIR)
@@ -73,6 +76,8 @@ class ReceiverStats:
     early_packets: int = 0
     invalid_packets: int = 0
     foreign_packets: int = 0
+    unauthentic_packets: int = 0
+    replayed_packets: int = 0
     nacks_sent: int = 0
     nacks_suppressed: int = 0  # block entries not asked for: a REPAIR_NOTICE covered them
     symbols_requested: int = 0
@@ -97,6 +102,7 @@ class Receiver:
                  rng: Optional[random.Random] = None) -> None:
         self.config = config
         self.origin = origin
+        self._protection = protection_for(config.key, config.session_id, origin, config.encrypt)
         self.phase = ReceiverPhase.JOINING
         self.stats = ReceiverStats()
         self.geometry: Optional[ImageGeometry] = None
@@ -159,7 +165,7 @@ class Receiver:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
             return
-        packet = admit(data, self.config.session_id, self.stats)
+        packet = admit(data, self.config.session_id, self.stats, self._protection)
         if packet is not None:
             self.receive_packet(packet, addr, now)
 
@@ -209,7 +215,11 @@ class Receiver:
             return
         if now - self._last_heard >= self.config.timeout:
             what = "no ANNOUNCE" if self.geometry is None else "nothing"
-            self._fail(f"{what} from the sender for {self.config.timeout:g} s")
+            reason = f"{what} from the sender for {self.config.timeout:g} s"
+            if self.geometry is None and self.stats.unauthentic_packets:
+                reason += (f"; {self.stats.unauthentic_packets} packets of this session failed"
+                           " authentication: is the session key the sender's?")
+            self._fail(reason)
             return
         if self._next_status is not None and now >= self._next_status:
             self._send_status(now)
@@ -244,7 +254,8 @@ class Receiver:
     # -- internals ------------------------------------------------------------------------
 
     def _encode(self, body: wire.packets.Body) -> bytes:
-        return wire.encode(self.config.session_id, self.origin, body)
+        datagram = wire.encode(self.config.session_id, self.origin, body)
+        return datagram if self._protection is None else self._protection.seal(datagram)
 
     def _send(self, body: wire.packets.Body) -> None:
         if self.sender_address is not None:
@@ -324,7 +335,8 @@ class Receiver:
             grtt=announce.grtt_us / 1e6,
             group_size=announce.group_size,
             rate_bps=float(announce.rate_bps),
-            packet_bytes=wire.HEADER_SIZE + 8 + announce.symbol_size,
+            packet_bytes=(wire.HEADER_SIZE + 8 + announce.symbol_size
+                          + overhead(self._protection)),
         )
         self._advance_frontier(announce.next_block, now)
         if self.phase is ReceiverPhase.VERIFYING:

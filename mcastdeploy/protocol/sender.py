@@ -20,7 +20,7 @@ from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
-from mcastdeploy.protocol.intake import admit
+from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.pacing import TokenBucket
 from mcastdeploy.protocol.parity import ProactivePolicy
 from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
@@ -43,6 +43,11 @@ class SenderConfig:
     #: ``proactive_repair`` as the floor.
     auto_proactive: bool = False
     announce_interval: float = 0.5
+    #: The session secret (32 bytes): every datagram sent is sealed with it and every one
+    #: received must open with it.  None only where tests and the simulator craft packets.
+    key: Optional[bytes] = None
+    #: Encrypt bodies too, not only authenticate them.
+    encrypt: bool = False
     #: Start the pass once this many receivers are known ...
     min_receivers: int = 0
     #: ... or this many seconds after start, whichever comes first (None: no limit).
@@ -115,6 +120,8 @@ class SenderStats:
     nack_entries_suppressed: int = 0
     invalid_packets: int = 0
     foreign_packets: int = 0
+    unauthentic_packets: int = 0
+    replayed_packets: int = 0
     #: Bytes on the wire from the pass's start to its last block (to within one batch),
     #: repair interleaved included: at a fixed rate this, not a clock, says how much a
     #: lossy receiver delayed the receivers that lost nothing.
@@ -139,7 +146,9 @@ class Sender:
         self.stats = SenderStats()
         self.receivers: dict[int, ReceiverRecord] = {}
 
-        self._packet_bytes = wire.HEADER_SIZE + 8 + config.symbol_size
+        self._protection = protection_for(config.key, config.session_id, origin, config.encrypt)
+        self._packet_bytes = wire.HEADER_SIZE + 8 + config.symbol_size + overhead(
+            self._protection)
         self._bucket: Optional[TokenBucket] = None
         self._started_at = 0.0
         self._pass_started_at = 0.0
@@ -211,7 +220,7 @@ class Sender:
         self._maybe_begin(now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        packet = admit(data, self.config.session_id, self.stats)
+        packet = admit(data, self.config.session_id, self.stats, self._protection)
         if packet is None:
             return
         header, body = packet.header, packet.body
@@ -355,6 +364,9 @@ class Sender:
             self._repair.holdoff = self._holdoff()
 
     def _count(self, out: list[tuple[bytes, Address]]) -> None:
+        """Seal (in place) and count what leaves."""
+        if self._protection is not None:
+            out[:] = [(self._protection.seal(datagram), to) for datagram, to in out]
         self.stats.packets_sent += len(out)
         self.stats.bytes_sent += sum(len(datagram) for datagram, _ in out)
 

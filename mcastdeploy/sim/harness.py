@@ -299,10 +299,16 @@ class Simulation:
 
     def _deliver_multicast(self, payload: tuple[bytes, tuple[int, ...]], now: float) -> None:
         data, targets = payload
-        packet = wire.parse(data)  # once for every receiver; the sender only sends valid ones
         address = (SENDER_HOST, 0)
         nodes = self._nodes
         after = self._after_receiver
+        if self.sender.config.key is not None:  # sealed: each receiver must open it itself
+            for index in targets:
+                node = nodes[index]
+                node.receive_datagram(data, address, now)
+                after(index, node, now)
+            return
+        packet = wire.parse(data)  # once for every receiver; the sender only sends valid ones
         for index in targets:
             node = nodes[index]
             node.receive_packet(packet, address, now)

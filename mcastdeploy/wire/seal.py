@@ -132,7 +132,8 @@ class Opener:
         self._windows: dict[int, ReplayWindow] = {}
 
     def open(self, datagram: Union[bytes, memoryview]) -> bytes:
-        """The plain datagram (header and body) if authentic and fresh; else AuthError.
+        """The plain datagram (header and body) if authentic and fresh; else AuthError
+        (ReplayError if authentic but seen before).
 
         Only the header's fixed fields are read before the tag is checked.
         """
@@ -142,9 +143,6 @@ class Opener:
         head = data[:HEADER_SIZE + COUNTER.size]
         origin = HEADER.unpack_from(data)[-1]
         (counter,) = COUNTER.unpack_from(data, HEADER_SIZE)
-        window = self._windows.get(origin)
-        if window is not None and not window.fresh(counter):
-            raise ReplayError("replayed or too old")
         nonce = _ORIGIN.pack(origin) + data[HEADER_SIZE:HEADER_SIZE + COUNTER.size]
         try:
             if self._encrypt:
@@ -154,6 +152,10 @@ class Opener:
                 self._cipher.decrypt(nonce, data[-TAG_BYTES:], head + body)
         except InvalidTag:
             raise AuthError("authentication failed") from None
+        # Only now, so that a forgery is never counted as a replay.
+        window = self._windows.get(origin)
+        if window is not None and not window.fresh(counter):
+            raise ReplayError("replayed or too old")
         if window is None:
             window = self._windows[origin] = ReplayWindow()
         window.accept(counter)

@@ -901,21 +901,23 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
     receiver.receive_datagram(new.announce(0), SOURCE_ADDR, 1.0)
     assert receiver.sender_id == 222 and receiver.sender_address == ("10.0.0.9", 7001)
     assert drain_events(receiver) == []  # the same session goes on, no new join
-    # The old instance is not followed any more.
+    # The old instance's symbols of unfinished block 2 are dropped: no block mixes two
+    # instances' packets.  And the old instance is not followed any more.
+    assert 2 not in receiver._partial
     receiver.receive_datagram(old.data(2, 2), SOURCE_ADDR, 1.1)
-    assert receiver.stats.early_packets == 1 and receiver._partial[2].have == 2
+    assert receiver.stats.early_packets == 1 and 2 not in receiver._partial
     # A different image under our session id is not followed either.
     stranger = Source(random_image(5 * 256), origin=333)
     receiver.receive_datagram(stranger.announce(), SOURCE_ADDR, 1.1)
     assert receiver.sender_id == 222 and receiver.stats.foreign_packets == 1
 
-    # The new pass: blocks 0 and 1 are duplicates, block 2 completes from both instances.
+    # The new pass: blocks 0 and 1 are duplicates, block 2 comes whole from the new one.
     for block in range(4):
         receive_block(receiver, new, block, 1.2)
     decoded = [e.block for e in drain_events(receiver) if isinstance(e, events.BlockDecoded)]
     assert decoded == [2, 3]
     assert receiver.blocks_done == 4 and receiver.phase is ReceiverPhase.VERIFYING
-    assert receiver.stats.duplicate_packets == 8 + 2  # blocks 0, 1 and the rest of block 2
+    assert receiver.stats.duplicate_packets == 8  # blocks 0 and 1
     receiver.image_verified(new.checksum, 1.3)
     dones = [a for p, a in sent_by(receiver, 1.3) if isinstance(p.body, wire.Done)]
     assert dones == [("10.0.0.9", 7001)]

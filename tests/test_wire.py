@@ -76,8 +76,11 @@ def statuses(draw: st.DrawFn) -> wire.Status:
                        echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)))
 
 
+manifests = st.builds(wire.Manifest, first=st.integers(0, U32),
+                      hashes=st.lists(checksums, min_size=1,
+                                      max_size=wire.MAX_MANIFEST_HASHES).map(tuple))
 bodies = st.one_of(announces(), datas, nacks, notices, statuses(),
-                   st.builds(wire.Done, checksum=checksums), st.just(wire.End()))
+                   st.builds(wire.Done, checksum=checksums), st.just(wire.End()), manifests)
 
 
 @st.composite
@@ -182,10 +185,11 @@ def test_parse_mutated_valid_packets(data: bytes, mutation: str, position: int, 
 
 
 @BOUNDED
-@given(datagrams().filter(lambda d: d[3] != wire.PacketType.DATA),
+@given(datagrams().filter(lambda d: d[3] not in (wire.PacketType.DATA, wire.PacketType.MANIFEST)),
        st.binary(min_size=1, max_size=64))
 def test_fixed_size_bodies_reject_trailing_bytes(data: bytes, extra: bytes) -> None:
-    # DATA's payload is open-ended; every other body has an exact length.
+    # DATA's payload is open-ended and MANIFEST holds 1..40 hashes; every other body has an
+    # exact length.
     with pytest.raises(wire.WireError):
         wire.parse(data + extra)
 
@@ -232,9 +236,21 @@ def test_reject_other_versions(version: int) -> None:
     _rejects(_raw(wire.PacketType.END, b"", version=version), "version")
 
 
-@pytest.mark.parametrize("ptype", [0, 8, 255])
+@pytest.mark.parametrize("ptype", [0, 9, 255])
 def test_reject_unknown_type(ptype: int) -> None:
     _rejects(_raw(ptype, b""), "unknown packet type")
+
+
+def test_reject_malformed_manifests() -> None:
+    first = struct.pack("!I", 40)
+    _rejects(_raw(wire.PacketType.MANIFEST, first), "truncated")
+    _rejects(_raw(wire.PacketType.MANIFEST, first + bytes(33)), "whole number")
+    _rejects(_raw(wire.PacketType.MANIFEST, first + bytes(32 * (wire.MAX_MANIFEST_HASHES + 1))),
+             "too many")
+    with pytest.raises(wire.WireError):
+        wire.encode(1, 2, wire.Manifest(0, ()))
+    with pytest.raises(wire.WireError):
+        wire.encode(1, 2, wire.Manifest(0, (b"short",)))
 
 
 def test_reject_repair_notice_entry_counts() -> None:

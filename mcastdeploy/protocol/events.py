@@ -63,6 +63,13 @@ class BlockDecoded:
 
 
 @dataclass(frozen=True)
+class HashesLearned:
+    """The manifest now vouches for ``blocks``: a resuming driver may check the target."""
+
+    blocks: range
+
+
+@dataclass(frozen=True)
 class AllBlocksDecoded:
     """Every block has been handed over; the driver must now check the image's SHA-256."""
 
@@ -82,4 +89,5 @@ class TransferFailed:
 
 
 Event = Union[ReceiverJoined, ReceiverDone, TransferStarted, PassComplete, SessionEnded,
-              SessionJoined, BlockDecoded, AllBlocksDecoded, TransferComplete, TransferFailed]
+              SessionJoined, BlockDecoded, HashesLearned, AllBlocksDecoded, TransferComplete,
+              TransferFailed]

@@ -22,6 +22,7 @@ from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
+from mcastdeploy.protocol.manifest import ReceiverManifest
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
 
 Address = tuple
@@ -44,9 +45,16 @@ class ReceiverConfig:
     #: The session secret (32 bytes): see SenderConfig.key.
     key: Optional[bytes] = None
     encrypt: bool = False
+    #: Refuse a sender that multicasts no block manifest (the CLI always requires one).
+    require_manifest: bool = False
+    #: The target may already hold blocks (a restarted receiver): ask for the whole
+    #: manifest at once, so that the driver can check them (HashesLearned, block_on_target).
+    resume: bool = False
 
 
 _REPAIR_FLAG = int(wire.Flags.REPAIR)
+_HELD = 2  # _done: decoded, waiting for the manifest to vouch for it
+_DONE = 1
 _LOSS_PRIOR = 100  # a plain int: enum arithmetic per packet is slow
 
 
@@ -82,6 +90,9 @@ class ReceiverStats:
     nacks_suppressed: int = 0  # block entries not asked for: a REPAIR_NOTICE covered them
     symbols_requested: int = 0
     blocks_recovered: int = 0  # blocks that needed the FEC decoder (a source symbol was lost)
+    blocks_rejected: int = 0  # decoded blocks whose hash did not match the manifest
+    blocks_kept: int = 0  # blocks the target already held, checked against the manifest
+    manifest_requests: int = 0
 
 
 class _PartialBlock:
@@ -116,7 +127,10 @@ class Receiver:
         self._events: deque[events.Event] = deque()
         self._outbox: list[tuple[bytes, Address]] = []
         self._partial: dict[int, _PartialBlock] = {}
+        #: Per block: 0 missing, _HELD decoded but awaiting its hash, _DONE handed over.
         self._done: bytearray = bytearray()
+        self.manifest: Optional[ReceiverManifest] = None
+        self._held: dict[int, _PartialBlock] = {}
         self._nacks = NackScheduler(self._rng)
         self._timing: Optional[NackTiming] = None
         self._proactive = 0
@@ -194,6 +208,9 @@ class Receiver:
         elif isinstance(body, wire.RepairNotice):
             self._last_heard = now
             self._on_repair_notice(body, now)
+        elif isinstance(body, wire.Manifest):
+            self._last_heard = now
+            self._on_manifest(body, now)
         elif isinstance(body, wire.End):
             self._last_heard = now
             if self.phase is ReceiverPhase.RECEIVING:
@@ -231,6 +248,8 @@ class Receiver:
         if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
             self._nacks.nack_at = None
             self._send_nack(now)
+        if self.manifest is not None:
+            self._ask_manifest(now)
         if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
             self._nacks.arm(now, self._timing)
 
@@ -242,6 +261,10 @@ class Receiver:
             deadlines.append(self._next_status)
         if self._nacks.nack_at is not None:
             deadlines.append(self._nacks.nack_at)
+        if self.manifest is not None and self.sender_address is not None:
+            ask = self.manifest.next_ask()
+            if ask is not None:
+                deadlines.append(ask)
         return min(deadlines)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
@@ -253,13 +276,13 @@ class Receiver:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _encode(self, body: wire.packets.Body) -> bytes:
-        datagram = wire.encode(self.config.session_id, self.origin, body)
+    def _encode(self, body: wire.packets.Body, flags: wire.Flags = wire.Flags.NONE) -> bytes:
+        datagram = wire.encode(self.config.session_id, self.origin, body, flags)
         return datagram if self._protection is None else self._protection.seal(datagram)
 
-    def _send(self, body: wire.packets.Body) -> None:
+    def _send(self, body: wire.packets.Body, flags: wire.Flags = wire.Flags.NONE) -> None:
         if self.sender_address is not None:
-            self._outbox.append((self._encode(body), self.sender_address))
+            self._outbox.append((self._encode(body, flags), self.sender_address))
 
     def _echo_fields(self, now: Optional[float]) -> dict[str, int]:
         """The round-trip echo for the sender (none when we have no time or no ANNOUNCE)."""
@@ -293,6 +316,7 @@ class Receiver:
         self.phase = ReceiverPhase.FAILED
         self.failure = reason
         self._partial.clear()
+        self._held.clear()
         self._send_status()
         self._events.append(events.TransferFailed(reason))
 
@@ -307,8 +331,16 @@ class Receiver:
                 return  # a pinned image: join only once the sender says which image it sends
             if not self._accept_checksum(checksum):
                 return
+            has_manifest = bool(header.flags & wire.Flags.MANIFEST)
+            if self.config.require_manifest and not has_manifest:
+                self._fail("the sender multicasts no block manifest; refusing unchecked blocks")
+                return
             self.geometry = geometry
             self._done = bytearray(geometry.block_count)
+            if has_manifest:
+                self.manifest = ReceiverManifest(geometry.block_count)
+                if self.config.resume:
+                    self.manifest.want_all(now)
             self.sender_id = header.origin
             self.phase = ReceiverPhase.RECEIVING
             self._next_status = now  # tell the sender at once that we are here
@@ -319,8 +351,7 @@ class Receiver:
         elif not self._accept_checksum(checksum):
             return
         elif header.origin != self.sender_id:
-            # Same image from a new sender instance (restarted): follow it, keep our blocks.
-            self.sender_id = header.origin
+            self._follow_new_sender(header.origin, now)
         self._last_heard = now
         self._echo = (announce.timestamp_us, now)
         host = addr[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
@@ -442,11 +473,115 @@ class Receiver:
         if not partial.present.all():
             codec_for(partial.k).recover_into(partial.rows, partial.present, partial.repair)
             self.stats.blocks_recovered += 1
-        self._done[block] = 1
-        self.blocks_done += 1
         self._nacks.discard(block)
-        view = memoryview(partial.rows.reshape(-1))[:geometry.block_length(block)]
-        self._events.append(events.BlockDecoded(block, geometry.offset(block), view))
+        if self.manifest is not None:
+            self._done[block] = _HELD
+            self._held[block] = partial
+            self._check_held(block, now)
+        else:
+            self._hand_over(block, partial, now)
+
+    def _block_view(self, block: int, partial: _PartialBlock) -> memoryview:
+        assert self.geometry is not None
+        return memoryview(partial.rows.reshape(-1))[:self.geometry.block_length(block)]
+
+    def _check_held(self, block: int, now: float) -> None:
+        """Hand a decoded block over if the manifest vouches for it; fetch it again if the
+        manifest says otherwise; keep holding it (and ask for the hash) if it is silent."""
+        assert self.manifest is not None
+        partial = self._held[block]
+        verdict = self.manifest.check(block, self._block_view(block, partial))
+        if verdict is None:
+            self.manifest.want(block, now)
+            return
+        del self._held[block]
+        if verdict:
+            self._hand_over(block, partial, now)
+            return
+        self.stats.blocks_rejected += 1
+        self._done[block] = 0
+        if block < self._frontier:
+            self._nacks.add(block, now)
+            if self._timing is not None:
+                self._nacks.arm(now, self._timing)
+
+    def _hand_over(self, block: int, partial: _PartialBlock, now: float) -> None:
+        geometry = self.geometry
+        assert geometry is not None
+        self._done[block] = _DONE
+        self.blocks_done += 1
+        self._events.append(events.BlockDecoded(block, geometry.offset(block),
+                                                self._block_view(block, partial)))
+        self._after_block(now)
+
+    def block_on_target(self, block: int, now: float) -> None:
+        """The driver found ``block`` already on the target, matching the manifest (after
+        HashesLearned, with ``resume``): count it done without receiving it."""
+        geometry = self.geometry
+        if geometry is None or self.phase is not ReceiverPhase.RECEIVING \
+                or self._done[block] == _DONE:
+            return
+        self._partial.pop(block, None)
+        self._held.pop(block, None)
+        self._nacks.discard(block)
+        self._done[block] = _DONE
+        self.blocks_done += 1
+        self.stats.blocks_kept += 1
+        self._after_block(now)
+
+    def _on_manifest(self, manifest: wire.Manifest, now: float) -> None:
+        if self.manifest is None:
+            self.stats.foreign_packets += 1  # the sender announced none: not ours to use
+            return
+        learned = self.manifest.learn(manifest.first, manifest.hashes)
+        if learned is None:
+            self.stats.invalid_packets += 1
+            return
+        if not learned:
+            return
+        self._events.append(events.HashesLearned(learned))
+        for block in [b for b in self._held if b in learned]:
+            self._check_held(block, now)
+
+    def _ask_manifest(self, now: float) -> None:
+        """Ask for the manifest chunks whose hashes we lack and need."""
+        assert self.manifest is not None
+        if self._timing is None or self.phase is not ReceiverPhase.RECEIVING:
+            return
+        ask = self.manifest.next_ask()
+        if ask is None or ask > now:
+            return
+        firsts = self.manifest.take_due(now, wire.MAX_NACK_ENTRIES,
+                                        self._timing.retry_after(wire.MAX_NACK_ENTRIES))
+        if firsts:
+            self._send(wire.Nack(tuple((first, 1) for first in firsts), **self._echo_fields(now)),
+                       wire.Flags.MANIFEST)
+            self.stats.manifest_requests += 1
+
+    def _follow_new_sender(self, origin: int, now: float) -> None:
+        """The same image from a new sender instance (restarted): follow it.
+
+        Blocks handed over stay (the manifest checked them, and the image's checksum is the
+        same); symbols of unfinished blocks are dropped, so that no block mixes two
+        instances' packets, and the manifest is learned again from the new one.
+        """
+        self.sender_id = origin
+        self._partial.clear()
+        for block in self._held:
+            self._done[block] = 0
+        self._held.clear()
+        if self.manifest is not None:
+            self.manifest.forget()
+            if self.config.resume:
+                self.manifest.want_all(now)
+        # The new pass starts over: what is missing is owed again as it passes.
+        self._frontier = 0
+        self._pass_counts.clear()
+        self._nacks = NackScheduler(self._rng)
+
+    def _after_block(self, now: float) -> None:
+        geometry = self.geometry
+        assert geometry is not None
         if self.blocks_done == geometry.block_count:
             self.phase = ReceiverPhase.VERIFYING
             self._nacks.nack_at = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +22,7 @@ from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.pacing import TokenBucket
+from mcastdeploy.protocol.manifest import CHUNK_BLOCKS, SenderManifest, chunks_before
 from mcastdeploy.protocol.parity import ProactivePolicy
 from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
 from mcastdeploy.protocol.repair import RepairQueue
@@ -122,6 +123,8 @@ class SenderStats:
     foreign_packets: int = 0
     unauthentic_packets: int = 0
     replayed_packets: int = 0
+    manifest_packets: int = 0
+    manifest_requests: int = 0
     #: Bytes on the wire from the pass's start to its last block (to within one batch),
     #: repair interleaved included: at a fixed rate this, not a clock, says how much a
     #: lossy receiver delayed the receivers that lost nothing.
@@ -137,7 +140,8 @@ _WAITING_ANNOUNCE_INTERVAL = 0.1
 
 class Sender:
     def __init__(self, config: SenderConfig, image_size: int, *, origin: int,
-                 checksum: Optional[bytes] = None) -> None:
+                 checksum: Optional[bytes] = None,
+                 manifest: Optional[SenderManifest] = None) -> None:
         self.config = config
         self.origin = origin
         self.geometry = ImageGeometry(image_size, config.symbol_size, config.block_symbols)
@@ -145,6 +149,12 @@ class Sender:
         self.state = SenderState.WAITING
         self.stats = SenderStats()
         self.receivers: dict[int, ReceiverRecord] = {}
+        if manifest is not None and len(manifest.hashes) != self.geometry.block_count:
+            raise ValueError("the manifest does not have one hash per block")
+        self.manifest = manifest
+        #: MANIFEST chunks to multicast next, ahead of data (copies and requests).
+        self._manifest_queue: deque[int] = deque()
+        self._manifest_queued: Counter[int] = Counter()  # how often each is in the queue
 
         self._protection = protection_for(config.key, config.session_id, origin, config.encrypt)
         self._packet_bytes = wire.HEADER_SIZE + 8 + config.symbol_size + overhead(
@@ -224,7 +234,8 @@ class Sender:
         if packet is None:
             return
         header, body = packet.header, packet.body
-        if isinstance(body, (wire.Announce, wire.Data, wire.End, wire.RepairNotice)):
+        if isinstance(body, (wire.Announce, wire.Data, wire.End, wire.RepairNotice,
+                             wire.Manifest)):
             # Our own multicast looped back, or another sender on our group: not for us.
             if header.origin != self.origin:
                 self.stats.foreign_packets += 1
@@ -232,7 +243,9 @@ class Sender:
         record = self._record(header.origin, addr, now)
         if isinstance(body, (wire.Nack, wire.Status)):
             self._rtt_echo(body.echo_us, body.hold_us, now)
-        if isinstance(body, wire.Nack):
+        if isinstance(body, wire.Nack) and header.flags & wire.Flags.MANIFEST:
+            self._on_manifest_request(body, now)
+        elif isinstance(body, wire.Nack):
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
             record.state = body.state
@@ -390,6 +403,8 @@ class Sender:
             flags |= wire.Flags.WAITING
         if self._pass_block >= self.geometry.block_count:
             flags |= wire.Flags.PASS_COMPLETE
+        if self.manifest is not None:
+            flags |= wire.Flags.MANIFEST
         return self._encode(wire.Announce(
             image_size=self.geometry.image_size,
             symbol_size=self.geometry.symbol_size,
@@ -485,13 +500,15 @@ class Sender:
     def _has_data_to_send(self) -> bool:
         if self.state in (SenderState.WAITING, SenderState.FINISHED):
             return False
-        if self._ready_repair:
+        if self._ready_repair or self._manifest_queue:
             return True
         if self._repair and self._repair.head() in self._cache:
             return True
         return (self.state is SenderState.SENDING and self._pass_block in self._cache)
 
     def _next_data(self, now: float) -> Optional[bytes]:
+        if self._manifest_queue:  # hashes go before the blocks they cover
+            return self._next_manifest()
         pass_ready = self.state is SenderState.SENDING and self._pass_block in self._cache
         repair_ready = bool(self._ready_repair) or (
             bool(self._repair) and self._repair.head() in self._cache)
@@ -506,9 +523,35 @@ class Sender:
             return self._next_pass_symbol(now)
         return None
 
+    def _next_manifest(self) -> bytes:
+        assert self.manifest is not None
+        index = self._manifest_queue.popleft()
+        self._manifest_queued[index] -= 1
+        first, hashes = self.manifest.chunk(index)
+        self.stats.manifest_packets += 1
+        return self._encode(wire.Manifest(first, hashes))
+
+    def _queue_manifest(self, chunks: list[int]) -> None:
+        self._manifest_queue.extend(chunks)
+        self._manifest_queued.update(chunks)
+
+    def _on_manifest_request(self, nack: wire.Nack, now: float) -> None:
+        """A receiver lacks hashes: multicast the chunks it names (once, if already queued)."""
+        self.stats.manifest_requests += 1
+        if self.manifest is None or self.state is SenderState.FINISHED:
+            return
+        self._last_request = now  # a receiver still at work, as for any NACK
+        for first, _ in nack.needs:
+            index, offset = divmod(first, CHUNK_BLOCKS)
+            if not offset and index < self.manifest.chunk_count \
+                    and not self._manifest_queued[index]:
+                self._queue_manifest([index])
+
     def _next_pass_symbol(self, now: float) -> bytes:
         block = self._pass_block
         symbol = self._pass_symbol
+        if symbol == 0 and self.manifest is not None:
+            self._queue_manifest(chunks_before(block, self.manifest.chunk_count))
         array = self._cache[block]
         k = array.shape[0]
         if symbol < k:

@@ -4,6 +4,7 @@ from mcastdeploy.wire.packets import (
     HEADER_SIZE,
     MAX_BLOCK_SYMBOLS,
     MAX_DATAGRAM,
+    MAX_MANIFEST_HASHES,
     MAX_NACK_ENTRIES,
     MAX_SYMBOL_ID,
     Announce,
@@ -12,6 +13,7 @@ from mcastdeploy.wire.packets import (
     End,
     Flags,
     Header,
+    Manifest,
     Nack,
     Packet,
     PacketType,
@@ -26,8 +28,8 @@ from mcastdeploy.wire.packets import (
 )
 
 __all__ = [
-    "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_NACK_ENTRIES", "MAX_SYMBOL_ID",
-    "Announce", "Data", "Done", "End", "Flags", "Header", "Nack", "Packet", "PacketType",
+    "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_MANIFEST_HASHES", "MAX_NACK_ENTRIES",
+    "MAX_SYMBOL_ID", "Announce", "Data", "Done", "End", "Flags", "Header", "Manifest", "Nack", "Packet", "PacketType",
     "ReceiverState", "RepairNotice", "Status", "WireError", "encode", "encode_data_header", "parse",
     "parse_header",
 ]

@@ -53,6 +53,7 @@ class PacketType(enum.IntEnum):
     DONE = 5  # receiver -> sender (unicast): image complete and verified
     END = 6  # sender -> group: the session is over, no more repair will come
     REPAIR_NOTICE = 7  # sender -> group: repair just scheduled, per block (NACK suppression)
+    MANIFEST = 8  # sender -> group: SHA-256 of consecutive blocks
 
 
 class Flags(enum.IntFlag):
@@ -65,6 +66,9 @@ class Flags(enum.IntFlag):
     PASS_COMPLETE = 0x04
     #: ANNOUNCE: the sender is still gathering receivers and has not started the data pass.
     WAITING = 0x08
+    #: ANNOUNCE: the sender multicasts a block manifest (receivers check every block).
+    #: NACK: the entries ask for manifest chunks (first block, 1), not for symbols.
+    MANIFEST = 0x10
 
 
 class Header(NamedTuple):
@@ -254,6 +258,41 @@ class RepairNotice:
         return cls(_unpack_block_counts("REPAIR_NOTICE", body[BACKLOG.size:]), backlog)
 
 
+MANIFEST_FIRST = struct.Struct("!I")
+MANIFEST_HASH_BYTES = 32
+#: Hashes in one MANIFEST packet at most (the protocol sends 40: protocol/manifest.py).
+MAX_MANIFEST_HASHES = 40
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """SHA-256 digests of blocks ``first``, ``first + 1``, ... (protocol/manifest.py)."""
+
+    TYPE: ClassVar[PacketType] = PacketType.MANIFEST
+
+    first: int
+    hashes: tuple[bytes, ...] = field(repr=False)
+
+    def body(self) -> bytes:
+        if not 1 <= len(self.hashes) <= MAX_MANIFEST_HASHES:
+            raise WireError(f"MANIFEST: {len(self.hashes)} hashes, 1..{MAX_MANIFEST_HASHES}")
+        if any(len(digest) != MANIFEST_HASH_BYTES for digest in self.hashes):
+            raise WireError("MANIFEST: a hash is not 32 bytes")
+        return MANIFEST_FIRST.pack(self.first) + b"".join(self.hashes)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Manifest":
+        if len(body) < MANIFEST_FIRST.size + MANIFEST_HASH_BYTES:
+            raise WireError("MANIFEST: truncated")
+        (first,) = MANIFEST_FIRST.unpack_from(body)
+        rest = body[MANIFEST_FIRST.size:]
+        count, extra = divmod(len(rest), MANIFEST_HASH_BYTES)
+        if extra or count > MAX_MANIFEST_HASHES:
+            raise WireError("MANIFEST: not a whole number of hashes, or too many")
+        return cls(first, tuple(bytes(rest[i * MANIFEST_HASH_BYTES:(i + 1) * MANIFEST_HASH_BYTES])
+                                for i in range(count)))
+
+
 class ReceiverState(enum.IntEnum):
     JOINING = 0
     RECEIVING = 1
@@ -330,11 +369,11 @@ class End:
         return cls()
 
 
-Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice]
+Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest]
 
 _PACKET_TYPES = {int(member): member for member in PacketType}
 _BODY_TYPES: dict[PacketType, type] = {
-    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End, RepairNotice)
+    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest)
 }
 
 

@@ -1,0 +1,178 @@
+"""The block manifest (protocol/manifest.py): no block is handed over unchecked, a bad one
+is fetched again, a resuming receiver keeps what its target already holds."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+from test_protocol import (SID, SOURCE_ADDR, Source, drain_events, joined, random_image,
+                           receive_block, sent_by)
+
+from mcastdeploy import wire
+from mcastdeploy.protocol import events, manifest
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.manifest import (CHUNK_BLOCKS, ReceiverManifest, SenderManifest,
+                                           chunks_before)
+from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
+from mcastdeploy.protocol.sender import Sender, SenderConfig
+from mcastdeploy.sim import LossModel, Simulation
+
+
+class ManifestSource(Source):
+    """A Source that also announces and multicasts the manifest of its image."""
+
+    def __init__(self, image: bytes, **kwargs) -> None:
+        super().__init__(image, **kwargs)
+        g = self.geometry
+        self.manifest = SenderManifest.of_image(
+            lambda offset, length: image[offset:offset + length], g.block_count,
+            lambda b: (g.offset(b), g.block_length(b)))
+
+    def announce(self, next_block: int = 0, **kwargs) -> bytes:
+        plain = wire.parse(super().announce(next_block, **kwargs))
+        return wire.encode(plain.header.session_id, self.origin, plain.body,
+                           plain.header.flags | wire.Flags.MANIFEST)
+
+    def chunk(self, index: int, hashes: tuple[bytes, ...] | None = None) -> bytes:
+        first, real = self.manifest.chunk(index)
+        return wire.encode(SID, self.origin, wire.Manifest(first, hashes or real))
+
+
+def block_events(receiver: Receiver) -> list[int]:
+    return [e.block for e in drain_events(receiver) if isinstance(e, events.BlockDecoded)]
+
+
+def test_every_hash_is_sent_twice_before_its_block() -> None:
+    chunks = 5
+    seen: dict[int, int] = {}
+    for block in range(chunks * CHUNK_BLOCKS):
+        for chunk in chunks_before(block, chunks):
+            seen[chunk] = seen.get(chunk, 0) + 1
+        # By the time a block goes out, its chunk has been sent twice.
+        assert seen.get(manifest.chunk_of(block), 0) == 2
+    assert seen == {c: 2 for c in range(chunks)}
+
+
+def test_a_block_is_handed_over_only_once_its_hash_vouches_for_it() -> None:
+    source = ManifestSource(random_image(3 * 256))
+    receiver = joined(source)
+    receive_block(receiver, source, 0, 0.1)
+    assert block_events(receiver) == []  # decoded, but no hash yet: held
+    receiver.handle_timer(0.1)
+    asks = [(p, a) for p, a in sent_by(receiver, 0.1)
+            if isinstance(p.body, wire.Nack) and p.header.flags & wire.Flags.MANIFEST]
+    assert [p.body.needs for p, _ in asks] == [((0, 1),)]  # it asks for chunk 0
+    receiver.receive_datagram(source.chunk(0), SOURCE_ADDR, 0.2)
+    assert block_events(receiver) == [0]
+    receive_block(receiver, source, 1, 0.3)  # hash already known: at once
+    assert block_events(receiver) == [1]
+
+
+def test_a_block_that_does_not_match_is_discarded_and_fetched_again() -> None:
+    image = random_image(3 * 256)
+    source = ManifestSource(image)
+    receiver = joined(source)
+    receiver.receive_datagram(source.chunk(0), SOURCE_ADDR, 0.0)
+    # An insider's well-sealed but wrong symbol arrives first and poisons block 0.
+    forged = wire.encode(SID, source.origin, wire.Data(0, 0, bytes(64)))
+    receiver.receive_datagram(forged, SOURCE_ADDR, 0.1)
+    receive_block(receiver, source, 0, 0.1, skip=(0,))
+    assert block_events(receiver) == [] and receiver.stats.blocks_rejected == 1
+    assert receiver.blocks_done == 0
+    receive_block(receiver, source, 1, 0.2)  # the pass moves on: block 0 is owed again
+    receiver.handle_timer(0.5)
+    nacks = [p.body for p, _ in sent_by(receiver, 0.5)
+             if isinstance(p.body, wire.Nack) and not p.header.flags & wire.Flags.MANIFEST]
+    assert nacks and nacks[0].needs[0] == (0, 4)  # the whole block again
+    for symbol in range(4, 8):  # repair symbols, now genuine
+        receiver.receive_datagram(source.data(0, symbol, repair=True), SOURCE_ADDR, 0.6)
+    decoded = [e for e in drain_events(receiver) if isinstance(e, events.BlockDecoded)]
+    assert [e.block for e in decoded] == [1, 0]
+    block0 = next(e for e in decoded if e.block == 0)
+    assert bytes(block0.data) == image[:256]
+
+
+def test_a_chunk_of_the_wrong_shape_is_refused() -> None:
+    source = ManifestSource(random_image(3 * 256))
+    receiver = joined(source)
+    wrong = wire.encode(SID, source.origin, wire.Manifest(1, (bytes(32),)))  # not a boundary
+    receiver.receive_datagram(wrong, SOURCE_ADDR, 0.1)
+    too_few = wire.encode(SID, source.origin, wire.Manifest(0, (bytes(32),)))  # 3 blocks
+    receiver.receive_datagram(too_few, SOURCE_ADDR, 0.1)
+    assert receiver.stats.invalid_packets == 2
+    assert receiver.manifest is not None and receiver.manifest.hash_of(0) is None
+
+
+def test_a_receiver_that_requires_a_manifest_refuses_a_sender_without_one() -> None:
+    source = Source(random_image(3 * 256))
+    receiver = Receiver(ReceiverConfig(session_id=SID, require_manifest=True), origin=5)
+    receiver.start(0.0)
+    receiver.receive_datagram(source.announce(), SOURCE_ADDR, 0.0)
+    assert receiver.phase is ReceiverPhase.FAILED and "manifest" in (receiver.failure or "")
+
+
+def test_a_resuming_receiver_asks_for_the_whole_manifest_and_keeps_good_blocks() -> None:
+    image = random_image(90 * 256)  # 90 blocks: 3 chunks
+    source = ManifestSource(image)
+    receiver = Receiver(ReceiverConfig(session_id=SID, resume=True), origin=5)
+    receiver.start(0.0)
+    receiver.receive_datagram(source.announce(), SOURCE_ADDR, 0.0)
+    receiver.handle_timer(0.0)
+    asks = [p.body.needs for p, _ in sent_by(receiver, 0.0)
+            if isinstance(p.body, wire.Nack) and p.header.flags & wire.Flags.MANIFEST]
+    assert asks == [((0, 1), (40, 1), (80, 1))]
+    for index in range(3):
+        receiver.receive_datagram(source.chunk(index), SOURCE_ADDR, 0.1)
+    learned = [e.blocks for e in drain_events(receiver) if isinstance(e, events.HashesLearned)]
+    assert learned == [range(0, 40), range(40, 80), range(80, 90)]
+    for block in range(0, 90, 2):  # the driver found the even blocks intact on its target
+        receiver.block_on_target(block, 0.2)
+    assert receiver.blocks_done == 45 and receiver.stats.blocks_kept == 45
+    for block in range(90):
+        receive_block(receiver, source, block, 0.3)
+    assert block_events(receiver) == list(range(1, 90, 2))  # only the others are written
+    assert receiver.phase is ReceiverPhase.VERIFYING
+
+
+def keyed_pair(image: bytes, receivers: int) -> tuple[Sender, dict[str, Receiver]]:
+    config = SenderConfig(session_id=SID, group=("239.1.1.1", 1), rate_bps=20e6, symbol_size=256,
+                          block_symbols=8, min_receivers=receivers, wait=2.0, key=bytes(32))
+    g = ImageGeometry(len(image), config.symbol_size, config.block_symbols)
+    sender = Sender(config, len(image), origin=1, checksum=hashlib.sha256(image).digest(),
+                    manifest=SenderManifest.of_image(
+                        lambda offset, length: image[offset:offset + length], g.block_count,
+                        lambda b: (g.offset(b), g.block_length(b))))
+    nodes = {f"r{i}": Receiver(ReceiverConfig(session_id=SID, key=bytes(32),
+                                              require_manifest=True),
+                               origin=10 + i, rng=random.Random(i)) for i in range(receivers)}
+    return sender, nodes
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.05])
+def test_a_lossy_group_gets_every_block_checked(loss: float) -> None:
+    image = random.Random(3).randbytes(400_000)  # 196 blocks: 5 chunks
+    sender, nodes = keyed_pair(image, 4)
+    result = Simulation(sender, image, nodes, LossModel(seed=7, loss=loss)).run(until=60)
+    assert result.failures == {}
+    assert all(copy == image for copy in result.images.values())
+    chunks = sender.manifest.chunk_count  # type: ignore[union-attr]
+    assert sender.stats.manifest_packets >= 2 * chunks
+    for node in nodes.values():
+        assert node.stats.blocks_rejected == 0
+    if not loss:
+        assert sender.stats.manifest_packets == 2 * chunks
+        assert all(node.stats.manifest_requests == 0 for node in nodes.values())
+
+
+def test_receiver_manifest_retries_and_stops_once_learned() -> None:
+    m = ReceiverManifest(100)
+    m.want(5, 1.0)
+    m.want(7, 1.0)  # the same chunk
+    assert m.take_due(1.0, 10, 0.1) == [0]
+    assert m.take_due(1.05, 10, 0.1) == []  # not before the retry
+    assert m.take_due(1.1, 10, 0.1) == [0]
+    assert m.next_ask() == pytest.approx(1.3)  # doubled
+    assert m.learn(0, tuple(bytes(32) for _ in range(40))) == range(0, 40)
+    assert m.next_ask() is None and m.learn(0, tuple(bytes(32) for _ in range(40))) == range(0)

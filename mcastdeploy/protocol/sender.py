@@ -110,6 +110,8 @@ class SenderStats:
     announce_packets: int = 0
     notice_packets: int = 0
     nacks_received: int = 0
+    #: STATUS reports heard: the load receivers' periodic reports put on the sender.
+    status_received: int = 0
     nack_entries: int = 0
     repairs_requested: int = 0
     nack_entries_suppressed: int = 0
@@ -226,6 +228,7 @@ class Sender:
         if isinstance(body, wire.Nack):
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
+            self.stats.status_received += 1
             record.state = body.state
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost

@@ -921,6 +921,94 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
     assert dones == [("10.0.0.9", 7001)]
 
 
+# --- sender and receiver together -----------------------------------------------------------
+
+
+RECEIVER_ADDR = ("10.0.0.7", 4000)
+
+
+def converse(sender: Sender, image: bytes, receiver: Receiver, now: float, until: float
+             ) -> tuple[float, bytearray]:
+    """Step a real sender and receiver on a loss-free, zero-delay link, each at its own
+    timers, until the session ends or ``until``; returns (now, the image as written)."""
+    written = bytearray(len(image))
+    while now <= until:
+        if (timer := sender.get_timer()) is not None and timer <= now:
+            sender.handle_timer(now)
+        if (timer := receiver.get_timer()) is not None and timer <= now:
+            receiver.handle_timer(now)
+        # Exchange datagrams until both are quiet at this instant.
+        while True:
+            feed(sender, image)
+            down = sender.datagrams_to_send(now)
+            for datagram, _ in down:
+                receiver.receive_datagram(datagram, SOURCE_ADDR, now)
+            while (event := receiver.next_event()) is not None:
+                if isinstance(event, events.BlockDecoded):
+                    written[event.offset:event.offset + len(event.data)] = event.data
+                elif isinstance(event, events.AllBlocksDecoded):
+                    receiver.image_verified(hashlib.sha256(written).digest(), now)
+            up = receiver.datagrams_to_send(now)
+            for datagram, _ in up:
+                sender.receive_datagram(datagram, RECEIVER_ADDR, now)
+            if not down and not up:
+                break
+        timers = [t for t in (sender.get_timer(), receiver.get_timer()) if t is not None]
+        if sender.state is SenderState.FINISHED and sender.get_timer() is None or not timers:
+            break
+        now = max(now, min(timers))
+    return now, written
+
+
+def test_receiver_started_after_the_last_announce_still_gets_the_image() -> None:
+    # The only known receiver reports DONE just after the PASS_COMPLETE ANNOUNCE; a receiver
+    # started in between has heard nothing yet, and the next periodic ANNOUNCE (0.5 s) is
+    # due long after the 0.2 s flush.  The sender must tell it about the session first.
+    image = random_image(3 * 256)
+    checksum = hashlib.sha256(image).digest()
+    sender = make_sender(len(image), checksum=checksum, rate_bps=1e6, min_receivers=1,
+                         announce_interval=0.5, flush=0.2, linger=5.0)
+    sender.start(0.0)
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    _, sent = drive(sender, image, passed, passed)  # the PASS_COMPLETE ANNOUNCE goes out
+    assert [type(p.body) for _, p in sent] == [wire.Announce]
+
+    late = Receiver(ReceiverConfig(session_id=SID), origin=0xBEEF, rng=random.Random(0))
+    late.start(passed + 0.01)
+    sender.receive_datagram(reply(wire.Done(checksum), 1), ("10.0.0.1", 1), passed + 0.05)
+    end, written = converse(sender, image, late, passed + 0.05, passed + 30.0)
+
+    assert late.phase is ReceiverPhase.DONE, late.failure
+    assert bytes(written) == image
+    assert sender.state is SenderState.FINISHED
+    assert drain_events(sender)[-1] == events.SessionEnded("every receiver is done", 2, 2)
+    # Not held for the linger: once both are done it ends within an ANNOUNCE and a flush.
+    assert end - passed < 0.5 + 0.2 + 0.5
+
+
+@pytest.mark.parametrize("interval", [0.5, 0.05])
+def test_sender_announces_before_ending_once_everyone_is_done(interval: float) -> None:
+    # Also with ANNOUNCEs more frequent than the flush: the later ones must not defer the end.
+    image = random_image(3 * 256)
+    checksum = hashlib.sha256(image).digest()
+    sender = make_sender(len(image), checksum=checksum, min_receivers=1,
+                         announce_interval=interval, flush=0.2, linger=5.0)
+    sender.start(0.0)
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    drive(sender, image, passed, passed + 0.1)
+    sender.receive_datagram(reply(wire.Done(checksum), 1), ("10.0.0.1", 1), passed + 0.1)
+    end, sent = drive(sender, image, passed + 0.1, passed + 10.0,
+                      stop=lambda s: s.state is SenderState.FINISHED)
+    kinds = [(t, type(p.body)) for t, p in sent]
+    # An ANNOUNCE at once, for anyone who started since the last one; END a flush later.
+    assert kinds[0] == (pytest.approx(passed + 0.1), wire.Announce)
+    assert end == pytest.approx(passed + 0.1 + 0.2)
+    assert kinds[-3:] == [(end, wire.End)] * 3
+    assert {kind for _, kind in kinds[:-3]} == {wire.Announce}
+
+
 # --- the seeded lossy network ------------------------------------------------------------------
 
 

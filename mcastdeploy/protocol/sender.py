@@ -49,8 +49,10 @@ class SenderConfig:
     wait: Optional[float] = None
     #: After the pass, finish when nobody has asked for anything for this long.
     linger: float = 5.0
-    #: Even when every known receiver is done, stay this long after the last request:
-    #: a receiver whose STATUS was lost is unknown to us until it asks for what it lacks.
+    #: Even when every known receiver is done, stay this long after the last request and
+    #: after the ANNOUNCE sent once they all were: a receiver whose STATUS was lost is
+    #: unknown to us until it asks for what it lacks, and one that started since the
+    #: previous ANNOUNCE learns of the session only from that one.
     flush: float = 0.2
     #: Group round-trip guess until receivers' echoes measure it.
     grtt: float = 0.01
@@ -147,6 +149,10 @@ class Sender:
         self._pass_started_at = 0.0
         self._next_announce = 0.0
         self._last_request = 0.0
+        #: Once every known receiver is done, the sender ends only a flush after the next
+        #: ANNOUNCE: owed until it goes out, then when it went out.
+        self._done_announce_owed = False
+        self._done_announced_at: Optional[float] = None
         self._events: deque[events.Event] = deque()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.grtt = GroupRtt(config.grtt)
@@ -247,6 +253,13 @@ class Sender:
                 record.blocks_done = self.geometry.block_count
                 self._events.append(events.ReceiverDone(
                     header.origin, self.checksum is None or body.checksum == self.checksum))
+                if self._all_done():
+                    # Announce at once rather than at the next interval: a receiver that
+                    # started since the last ANNOUNCE has not heard of the session, and we
+                    # would otherwise end a flush from now without it.
+                    self._done_announce_owed = True
+                    self._done_announced_at = None
+                    self._next_announce = now
         self._maybe_begin(now)
         self._maybe_finish(now)
 
@@ -263,7 +276,9 @@ class Sender:
         if self.state is SenderState.REPAIRING and not (self._repair or self._ready_repair):
             # Only while no repair is owed: until then _maybe_finish cannot act on it, and
             # a deadline in the past would wake the driver in a busy loop.
-            deadlines.append(self._last_request + self._end_quiet())
+            end = self._end_at()
+            if end is not None:
+                deadlines.append(end)
         # Wake at the pacing time also when only a block is missing, so that the driver
         # supplies it (blocks_wanted) and the pass or repair goes on at the full rate.
         wants_blocks = self.state is not SenderState.WAITING and bool(self.blocks_wanted())
@@ -283,6 +298,9 @@ class Sender:
         if now >= self._next_announce:
             self._consult_policies(now)
             out.append((self._announce(now), group))
+            if self._done_announce_owed:
+                self._done_announce_owed = False
+                self._done_announced_at = now
             self.grtt.end_window()
             self.stats.announce_packets += 1
             interval = self.config.announce_interval
@@ -415,16 +433,28 @@ class Sender:
         return (known > 0 and known >= self.config.min_receivers
                 and all(record.done for record in self.receivers.values()))
 
-    def _end_quiet(self) -> float:
-        """How long after the last request the sender may end: ``flush`` once every known
-        receiver is done (to hear from receivers we never heard of), else ``linger``."""
+    def _end_at(self) -> Optional[float]:
+        """When the sender may end if it hears nothing more.
+
+        Once every known receiver is done: ``flush`` after both the last request (to hear
+        from receivers whose STATUS was lost) and the ANNOUNCE sent since they all were (so
+        that a receiver started after the previous ANNOUNCE hears of the session and joins
+        before we end); None until that ANNOUNCE is out, which is due at once.  Otherwise
+        ``linger`` after the last request.
+        """
         linger = self.config.linger
-        return min(self.config.flush, linger) if self._all_done() else linger
+        if not self._all_done():
+            return self._last_request + linger
+        if self._done_announced_at is None:
+            return None
+        return (max(self._last_request, self._done_announced_at)
+                + min(self.config.flush, linger))
 
     def _maybe_finish(self, now: float) -> None:
         if self.state is not SenderState.REPAIRING or self._repair or self._ready_repair:
             return
-        if now < self._last_request + self._end_quiet():
+        end = self._end_at()
+        if end is None or now < end:
             return
         known = len(self.receivers)
         done = sum(1 for record in self.receivers.values() if record.done)

@@ -16,7 +16,7 @@ import pytest
 
 from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
-from mcastdeploy.protocol import events, repair
+from mcastdeploy.protocol import events, repair, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.pacing import TokenBucket
 from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
@@ -919,6 +919,27 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
     receiver.image_verified(new.checksum, 1.3)
     dones = [a for p, a in sent_by(receiver, 1.3) if isinstance(p.body, wire.Done)]
     assert dones == [("10.0.0.9", 7001)]
+
+
+def test_sender_lingers_through_the_status_gaps_of_a_large_group() -> None:
+    image = random_image(3 * 256)
+    sender = make_sender(len(image), linger=5.0)
+    sender.start(0.0)
+    size = 10_000
+    for origin in range(1, size + 1):
+        sender.receive_datagram(reply(status(), origin), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    linger = reporting.group_linger(size, 5.0)
+    assert linger == pytest.approx(3 * 1.5 * 10.0)  # three of the longest gaps, 15 s each
+    # A receiver still missing blocks reports it only every ~10 s, and NACKs nothing.
+    sender.handle_timer(passed + 14.0)
+    assert sender.state is SenderState.REPAIRING
+    sender.receive_datagram(reply(status(), 7), ("10.0.0.1", 1), passed + 14.0)
+    now, _ = drive(sender, image, passed + 14.0, passed + 100.0,
+                   stop=lambda s: s.state is SenderState.FINISHED)
+    assert now == pytest.approx(passed + 14.0 + linger)
+    assert drain_events(sender)[-1] == events.SessionEnded(f"nothing asked for {linger:g} s",
+                                                           size, 0)
 
 
 # --- sender and receiver together -----------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
-from mcastdeploy.protocol import events
+from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit
 from mcastdeploy.protocol.pacing import TokenBucket
@@ -47,7 +47,8 @@ class SenderConfig:
     min_receivers: int = 0
     #: ... or this many seconds after start, whichever comes first (None: no limit).
     wait: Optional[float] = None
-    #: After the pass, finish when nobody has asked for anything for this long.
+    #: After the pass, finish when nobody has asked for anything for this long (longer in
+    #: groups so large that receivers' STATUS come further apart: reporting.group_linger).
     linger: float = 5.0
     #: Even when every known receiver is done, stay this long after the last request and
     #: after the ANNOUNCE sent once they all were: a receiver whose STATUS was lost is
@@ -343,7 +344,9 @@ class Sender:
         """Ask the rate and parity policies once per ANNOUNCE, which then tells receivers."""
         if self.parity is not None and self.state is SenderState.SENDING:
             self._set_proactive(self.parity.update(now))
-        rate = self.rate.update(now)
+        # Receivers in large groups report less often: the rate policy must not decide on
+        # deltas that only some of them, or stale ones, have reported (reporting.py).
+        rate = self.rate.update(now, reporting.group_interval(len(self.receivers)))
         if self._bucket is not None and rate != self._bucket.rate_bps:
             self._bucket.set_rate(rate)
 
@@ -440,15 +443,20 @@ class Sender:
         from receivers whose STATUS was lost) and the ANNOUNCE sent since they all were (so
         that a receiver started after the previous ANNOUNCE hears of the session and joins
         before we end); None until that ANNOUNCE is out, which is due at once.  Otherwise
-        ``linger`` after the last request.
+        ``linger`` after the last request, stretched to outlast a few of the STATUS gaps
+        of the group's size: a receiver still missing blocks may be between NACKs, and its
+        STATUS is then what says it is still there.
         """
         linger = self.config.linger
         if not self._all_done():
-            return self._last_request + linger
+            return self._last_request + self._linger()
         if self._done_announced_at is None:
             return None
         return (max(self._last_request, self._done_announced_at)
                 + min(self.config.flush, linger))
+
+    def _linger(self) -> float:
+        return reporting.group_linger(len(self.receivers), self.config.linger)
 
     def _maybe_finish(self, now: float) -> None:
         if self.state is not SenderState.REPAIRING or self._repair or self._ready_repair:
@@ -459,7 +467,7 @@ class Sender:
         known = len(self.receivers)
         done = sum(1 for record in self.receivers.values() if record.done)
         reason = ("every receiver is done" if self._all_done()
-                  else f"nothing asked for {self.config.linger:g} s")
+                  else f"nothing asked for {self._linger():g} s")
         self._finish(reason, known, done, now)
 
     def _finish(self, reason: str, known: int, done: int, now: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import statistics
 from typing import Callable, Optional
 
 import numpy as np
@@ -919,6 +920,83 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
     receiver.image_verified(new.checksum, 1.3)
     dones = [a for p, a in sent_by(receiver, 1.3) if isinstance(p.body, wire.Done)]
     assert dones == [("10.0.0.9", 7001)]
+
+
+def status_times(source: Source, seed: int, until: float, *,
+                 regroup: Optional[tuple[float, int]] = None) -> list[float]:
+    """When a receiver that joined ``source`` at 0 sends STATUS, up to ``until``.  The
+    source announces every second (keeping it from timing out); ``regroup`` = (time, size)
+    changes the announced group size then."""
+    receiver = make_receiver(seed, status_interval=1.0)
+    receiver.receive_datagram(source.announce(), SOURCE_ADDR, 0.0)
+    times, next_announce = [], 1.0
+    while (timer := receiver.get_timer()) is not None and min(timer, next_announce) <= until:
+        if next_announce <= timer:
+            if regroup is not None and next_announce >= regroup[0]:
+                source.group_size = regroup[1]
+            receiver.receive_datagram(source.announce(), SOURCE_ADDR, next_announce)
+            next_announce += 1.0
+            continue
+        receiver.handle_timer(timer)
+        times += [timer for p, _ in sent_by(receiver, timer) if isinstance(p.body, wire.Status)]
+    assert receiver.phase is ReceiverPhase.RECEIVING
+    return times
+
+
+def gaps_of(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_status_ramp_and_interval_are_unchanged_in_small_groups() -> None:
+    # 50, 100, 200, 400, 800 ms, then every second: each within the jitter of its value.
+    nominal = [0.05, 0.1, 0.2, 0.4, 0.8] + [1.0] * 40
+    steady = []
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=8), seed, 40.0)
+        assert times[0] == 0.0  # the join, at once
+        gaps = gaps_of(times)
+        for gap, expected in zip(gaps, nominal):
+            assert (1 - reporting.JITTER) * expected <= gap <= (1 + reporting.JITTER) * expected
+        steady += gaps[5:]
+    assert statistics.mean(steady) == pytest.approx(1.0, rel=0.05)
+    assert max(steady) - min(steady) > 0.5  # spread out, not in lockstep
+
+
+def test_status_interval_grows_with_the_announced_group() -> None:
+    size = 10_000
+    interval = size / reporting.STATUS_BUDGET  # 10 s: 1000 STATUS/s at the sender
+    steady = []
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=size), seed, 200.0)
+        gaps = gaps_of(times)
+        # The ramp starts at group size / ramp budget (0.5 s), not 50 ms, and still doubles.
+        first = size / reporting.RAMP_BUDGET
+        assert first == 0.5
+        for gap, expected in zip(gaps, [first, 2 * first, 4 * first, 8 * first]):
+            assert (1 - reporting.JITTER) * expected <= gap <= (1 + reporting.JITTER) * expected
+        steady += gaps[5:]
+    assert all((1 - reporting.JITTER) * interval <= gap <= (1 + reporting.JITTER) * interval
+               for gap in steady)
+    assert statistics.mean(steady) == pytest.approx(interval, rel=0.1)
+    assert max(steady) - min(steady) > interval / 2
+    # The sender gives a silent receiver several of the longest gaps before ending.
+    assert reporting.group_linger(size, 5.0) >= 3 * max(steady)
+    assert reporting.group_linger(8, 5.0) == 5.0
+
+
+def test_status_gap_pending_when_the_group_grows_is_stretched() -> None:
+    # Joined while the sender knew of few receivers, as everyone does at the start: the
+    # repeats must slow down once the ANNOUNCE says how many there are.
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=1), seed, 60.0,
+                             regroup=(1.0, 10_000))
+        before = [t for t in times if t <= 1.0]
+        after = [t for t in times if t > 1.0]
+        # The gap pending at the regroup is drawn again for the large group's ramp step.
+        nominal = reporting.nominal_gap(len(before), 10_000, 1.0, 0.05)
+        assert nominal >= 4.0
+        assert after[0] - before[-1] >= (1 - reporting.JITTER) * nominal
+        assert all(gap >= (1 - reporting.JITTER) * 8.0 for gap in gaps_of(after))
 
 
 def test_sender_lingers_through_the_status_gaps_of_a_large_group() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import statistics
 from typing import Callable, Optional
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
-from mcastdeploy.protocol import events, repair
+from mcastdeploy.protocol import events, repair, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.pacing import TokenBucket
 from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
@@ -921,6 +922,192 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
     receiver.image_verified(new.checksum, 1.3)
     dones = [a for p, a in sent_by(receiver, 1.3) if isinstance(p.body, wire.Done)]
     assert dones == [("10.0.0.9", 7001)]
+
+
+def status_times(source: Source, seed: int, until: float, *,
+                 regroup: Optional[tuple[float, int]] = None) -> list[float]:
+    """When a receiver that joined ``source`` at 0 sends STATUS, up to ``until``.  The
+    source announces every second (keeping it from timing out); ``regroup`` = (time, size)
+    changes the announced group size then."""
+    receiver = make_receiver(seed, status_interval=1.0)
+    receiver.receive_datagram(source.announce(), SOURCE_ADDR, 0.0)
+    times, next_announce = [], 1.0
+    while (timer := receiver.get_timer()) is not None and min(timer, next_announce) <= until:
+        if next_announce <= timer:
+            if regroup is not None and next_announce >= regroup[0]:
+                source.group_size = regroup[1]
+            receiver.receive_datagram(source.announce(), SOURCE_ADDR, next_announce)
+            next_announce += 1.0
+            continue
+        receiver.handle_timer(timer)
+        times += [timer for p, _ in sent_by(receiver, timer) if isinstance(p.body, wire.Status)]
+    assert receiver.phase is ReceiverPhase.RECEIVING
+    return times
+
+
+def gaps_of(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_status_ramp_and_interval_are_unchanged_in_small_groups() -> None:
+    # 50, 100, 200, 400, 800 ms, then every second: each within the jitter of its value.
+    nominal = [0.05, 0.1, 0.2, 0.4, 0.8] + [1.0] * 40
+    steady = []
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=8), seed, 40.0)
+        assert times[0] == 0.0  # the join, at once
+        gaps = gaps_of(times)
+        for gap, expected in zip(gaps, nominal):
+            assert (1 - reporting.JITTER) * expected <= gap <= (1 + reporting.JITTER) * expected
+        steady += gaps[5:]
+    assert statistics.mean(steady) == pytest.approx(1.0, rel=0.05)
+    assert max(steady) - min(steady) > 0.5  # spread out, not in lockstep
+
+
+def test_status_interval_grows_with_the_announced_group() -> None:
+    size = 10_000
+    interval = size / reporting.STATUS_BUDGET  # 10 s: 1000 STATUS/s at the sender
+    steady = []
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=size), seed, 200.0)
+        gaps = gaps_of(times)
+        # The ramp starts at group size / ramp budget (0.5 s), not 50 ms, and still doubles.
+        first = size / reporting.RAMP_BUDGET
+        assert first == 0.5
+        for gap, expected in zip(gaps, [first, 2 * first, 4 * first, 8 * first]):
+            assert (1 - reporting.JITTER) * expected <= gap <= (1 + reporting.JITTER) * expected
+        steady += gaps[5:]
+    assert all((1 - reporting.JITTER) * interval <= gap <= (1 + reporting.JITTER) * interval
+               for gap in steady)
+    assert statistics.mean(steady) == pytest.approx(interval, rel=0.1)
+    assert max(steady) - min(steady) > interval / 2
+    # The sender gives a silent receiver several of the longest gaps before ending.
+    assert reporting.group_linger(size, 5.0) >= 3 * max(steady)
+    assert reporting.group_linger(8, 5.0) == 5.0
+
+
+def test_status_gap_pending_when_the_group_grows_is_stretched() -> None:
+    # Joined while the sender knew of few receivers, as everyone does at the start: the
+    # repeats must slow down once the ANNOUNCE says how many there are.
+    for seed in range(10):
+        times = status_times(Source(random_image(256), group_size=1), seed, 60.0,
+                             regroup=(1.0, 10_000))
+        before = [t for t in times if t <= 1.0]
+        after = [t for t in times if t > 1.0]
+        # The gap pending at the regroup is drawn again for the large group's ramp step.
+        nominal = reporting.nominal_gap(len(before), 10_000, 1.0, 0.05)
+        assert nominal >= 4.0
+        assert after[0] - before[-1] >= (1 - reporting.JITTER) * nominal
+        assert all(gap >= (1 - reporting.JITTER) * 8.0 for gap in gaps_of(after))
+
+
+def test_sender_lingers_through_the_status_gaps_of_a_large_group() -> None:
+    image = random_image(3 * 256)
+    sender = make_sender(len(image), linger=5.0)
+    sender.start(0.0)
+    size = 10_000
+    for origin in range(1, size + 1):
+        sender.receive_datagram(reply(status(), origin), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    linger = reporting.group_linger(size, 5.0)
+    assert linger == pytest.approx(3 * 1.5 * 10.0)  # three of the longest gaps, 15 s each
+    # A receiver still missing blocks reports it only every ~10 s, and NACKs nothing.
+    sender.handle_timer(passed + 14.0)
+    assert sender.state is SenderState.REPAIRING
+    sender.receive_datagram(reply(status(), 7), ("10.0.0.1", 1), passed + 14.0)
+    now, _ = drive(sender, image, passed + 14.0, passed + 100.0,
+                   stop=lambda s: s.state is SenderState.FINISHED)
+    assert now == pytest.approx(passed + 14.0 + linger)
+    assert drain_events(sender)[-1] == events.SessionEnded(f"nothing asked for {linger:g} s",
+                                                           size, 0)
+
+
+# --- sender and receiver together -----------------------------------------------------------
+
+
+RECEIVER_ADDR = ("10.0.0.7", 4000)
+
+
+def converse(sender: Sender, image: bytes, receiver: Receiver, now: float, until: float
+             ) -> tuple[float, bytearray]:
+    """Step a real sender and receiver on a loss-free, zero-delay link, each at its own
+    timers, until the session ends or ``until``; returns (now, the image as written)."""
+    written = bytearray(len(image))
+    while now <= until:
+        if (timer := sender.get_timer()) is not None and timer <= now:
+            sender.handle_timer(now)
+        if (timer := receiver.get_timer()) is not None and timer <= now:
+            receiver.handle_timer(now)
+        # Exchange datagrams until both are quiet at this instant.
+        while True:
+            feed(sender, image)
+            down = sender.datagrams_to_send(now)
+            for datagram, _ in down:
+                receiver.receive_datagram(datagram, SOURCE_ADDR, now)
+            while (event := receiver.next_event()) is not None:
+                if isinstance(event, events.BlockDecoded):
+                    written[event.offset:event.offset + len(event.data)] = event.data
+                elif isinstance(event, events.AllBlocksDecoded):
+                    receiver.image_verified(hashlib.sha256(written).digest(), now)
+            up = receiver.datagrams_to_send(now)
+            for datagram, _ in up:
+                sender.receive_datagram(datagram, RECEIVER_ADDR, now)
+            if not down and not up:
+                break
+        timers = [t for t in (sender.get_timer(), receiver.get_timer()) if t is not None]
+        if sender.state is SenderState.FINISHED and sender.get_timer() is None or not timers:
+            break
+        now = max(now, min(timers))
+    return now, written
+
+
+def test_receiver_started_after_the_last_announce_still_gets_the_image() -> None:
+    # The only known receiver reports DONE just after the PASS_COMPLETE ANNOUNCE; a receiver
+    # started in between has heard nothing yet, and the next periodic ANNOUNCE (0.5 s) is
+    # due long after the 0.2 s flush.  The sender must tell it about the session first.
+    image = random_image(3 * 256)
+    checksum = hashlib.sha256(image).digest()
+    sender = make_sender(len(image), checksum=checksum, rate_bps=1e6, min_receivers=1,
+                         announce_interval=0.5, flush=0.2, linger=5.0)
+    sender.start(0.0)
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    _, sent = drive(sender, image, passed, passed)  # the PASS_COMPLETE ANNOUNCE goes out
+    assert [type(p.body) for _, p in sent] == [wire.Announce]
+
+    late = Receiver(ReceiverConfig(session_id=SID), origin=0xBEEF, rng=random.Random(0))
+    late.start(passed + 0.01)
+    sender.receive_datagram(reply(wire.Done(checksum), 1), ("10.0.0.1", 1), passed + 0.05)
+    end, written = converse(sender, image, late, passed + 0.05, passed + 30.0)
+
+    assert late.phase is ReceiverPhase.DONE, late.failure
+    assert bytes(written) == image
+    assert sender.state is SenderState.FINISHED
+    assert drain_events(sender)[-1] == events.SessionEnded("every receiver is done", 2, 2)
+    # Not held for the linger: once both are done it ends within an ANNOUNCE and a flush.
+    assert end - passed < 0.5 + 0.2 + 0.5
+
+
+@pytest.mark.parametrize("interval", [0.5, 0.05])
+def test_sender_announces_before_ending_once_everyone_is_done(interval: float) -> None:
+    # Also with ANNOUNCEs more frequent than the flush: the later ones must not defer the end.
+    image = random_image(3 * 256)
+    checksum = hashlib.sha256(image).digest()
+    sender = make_sender(len(image), checksum=checksum, min_receivers=1,
+                         announce_interval=interval, flush=0.2, linger=5.0)
+    sender.start(0.0)
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    passed = finish_pass(sender, image)
+    drive(sender, image, passed, passed + 0.1)
+    sender.receive_datagram(reply(wire.Done(checksum), 1), ("10.0.0.1", 1), passed + 0.1)
+    end, sent = drive(sender, image, passed + 0.1, passed + 10.0,
+                      stop=lambda s: s.state is SenderState.FINISHED)
+    kinds = [(t, type(p.body)) for t, p in sent]
+    # An ANNOUNCE at once, for anyone who started since the last one; END a flush later.
+    assert kinds[0] == (pytest.approx(passed + 0.1), wire.Announce)
+    assert end == pytest.approx(passed + 0.1 + 0.2)
+    assert kinds[-3:] == [(end, wire.End)] * 3
+    assert {kind for _, kind in kinds[:-3]} == {wire.Announce}
 
 
 # --- the seeded lossy network ------------------------------------------------------------------

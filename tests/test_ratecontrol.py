@@ -137,6 +137,19 @@ def test_too_few_packets_decide_nothing() -> None:
     assert group.interval({}, packets=2) == 200 * M
 
 
+def test_decisions_wait_for_receivers_reporting_less_often() -> None:
+    # 10,000 receivers report every ~10 s: deciding each second would judge a few of them,
+    # on windows reaching back before the last decision.
+    control = AutoRate(800 * M, start_bps=100 * M)
+    control.update(0.0, 10.0)
+    control.report(1, 1000, 0)
+    assert [control.update(t, 10.0) for t in range(1, 10)] == [100 * M] * 9
+    assert control.history == []
+    assert control.update(10.0, 10.0) == pytest.approx(100 * M * ratecontrol.SLOW_START)
+    assert control.update(11.0, 0.0) == control.rate_bps  # the next one is 10 s on
+    assert len(control.history) == 1
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         AutoRate(1 * M, floor_bps=2 * M)

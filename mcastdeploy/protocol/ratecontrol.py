@@ -77,8 +77,9 @@ class RateController(Protocol):
     def report(self, receiver: int, received: int, lost: int) -> None:
         """A receiver's cumulative pass packets received and lost (from its STATUS)."""
 
-    def update(self, now: float) -> float:
-        """Called periodically; returns the rate to send at from now on."""
+    def update(self, now: float, report_interval: float = 0.0) -> float:
+        """Called periodically; returns the rate to send at from now on.  Receivers report
+        about every ``report_interval`` seconds (more in large groups)."""
 
 
 @dataclass
@@ -90,7 +91,7 @@ class FixedRate:
     def report(self, receiver: int, received: int, lost: int) -> None:
         pass
 
-    def update(self, now: float) -> float:
+    def update(self, now: float, report_interval: float = 0.0) -> float:
         return self.rate_bps
 
 
@@ -143,9 +144,13 @@ class AutoRate:
                 losses.append(lost / (received + lost))
         return statistics.median(losses) if losses else None
 
-    def update(self, now: float) -> float:
+    def update(self, now: float, report_interval: float = 0.0) -> float:
+        # Decide no more often than receivers report: with some of them not heard since the
+        # last decision, and others' reports reaching back before it, a decrease would be
+        # judged on loss from the old rate and cut again for one episode.
+        interval = max(self.interval, report_interval)
         if self._next_decision is None:
-            self._next_decision = now + self.interval
+            self._next_decision = now + interval
             self._mark()
             return self.rate_bps
         if now < self._next_decision:
@@ -154,7 +159,7 @@ class AutoRate:
         if loss is None:
             # Too few packets to judge: keep counting and look again at the next call.
             return self.rate_bps
-        self._next_decision = now + self.interval
+        self._next_decision = now + interval
         self._mark()
         self._recent.append(loss)
         if self._skip:

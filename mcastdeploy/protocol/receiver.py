@@ -19,7 +19,7 @@ import numpy as np
 
 from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
-from mcastdeploy.protocol import events
+from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.manifest import ReceiverManifest
@@ -35,9 +35,10 @@ class ReceiverConfig:
     expected_checksum: Optional[bytes] = None
     #: Give up when nothing has come from the sender for this long.
     timeout: float = 30.0
+    #: Mean STATUS interval in small groups; large ones stretch it (protocol/reporting.py).
     status_interval: float = 1.0
     #: The first STATUS (our join) is repeated this soon, as the sender may miss it; the
-    #: gaps then double up to ``status_interval``.
+    #: gaps then double up to the steady interval.
     join_repeat: float = 0.05
     #: Copies of DONE sent (spaced by ``done_spacing``) before finishing.
     done_copies: int = 3
@@ -137,7 +138,11 @@ class Receiver:
         self._frontier = 0  # blocks below this were fully sent in the data pass
         self._last_heard = 0.0
         self._next_status: Optional[float] = None
+        self._last_status = 0.0
+        #: The nominal gap ``_next_status`` was drawn from; None when it is due at once.
+        self._status_nominal: Optional[float] = None
         self._statuses_sent = 0
+        self._group_size = 1  # as the sender last announced it
         self._echo: Optional[tuple[int, float]] = None  # last ANNOUNCE timestamp, arrival
         self._verified: Optional[bytes] = None
         #: When the sender expects to have sent all repair it owed at its last word.
@@ -241,10 +246,12 @@ class Receiver:
         if self._next_status is not None and now >= self._next_status:
             self._send_status(now)
             self._statuses_sent += 1
+            self._last_status = now
             # 50 ms, 100 ms, 200 ms ... up to the interval: the first STATUS (our join) may
             # be lost, and early loss reports let the sender size its parity and rate soon.
-            ramp = self.config.join_repeat * 2 ** min(self._statuses_sent - 1, 16)
-            self._next_status = now + min(ramp, self.config.status_interval)
+            # Jittered, and stretched in large groups, to keep the sender's load bounded.
+            self._status_nominal = self._status_gap(self._group_size)
+            self._next_status = now + reporting.draw_gap(self._status_nominal, self._rng)
         if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
             self._nacks.nack_at = None
             self._send_nack(now)
@@ -290,6 +297,26 @@ class Receiver:
             return {}
         timestamp, arrived = self._echo
         return {"echo_us": timestamp, "hold_us": min(int((now - arrived) * 1e6), 2**32 - 1)}
+
+    def _status_gap(self, group_size: int) -> float:
+        """The nominal gap after our latest STATUS in a group of ``group_size``."""
+        return reporting.nominal_gap(self._statuses_sent, group_size,
+                                     self.config.status_interval, self.config.join_repeat)
+
+    def _regroup(self, group_size: int) -> None:
+        """The announced group size changed: stretch (or shrink) the pending gap to match,
+        keeping its random draw, so that receivers that joined before the group was known
+        do not repeat their STATUS all together at the small group's pace."""
+        if group_size == self._group_size:
+            return
+        self._group_size = group_size
+        if self._next_status is None or self._status_nominal is None:
+            return  # none pending, or one due at once (our join, our verdict)
+        new = self._status_gap(group_size)
+        if new != self._status_nominal:
+            drawn = self._next_status - self._last_status
+            self._next_status = self._last_status + drawn * new / self._status_nominal
+            self._status_nominal = new
 
     def _send_status(self, now: Optional[float] = None) -> None:
         geometry = self.geometry
@@ -344,6 +371,7 @@ class Receiver:
             self.sender_id = header.origin
             self.phase = ReceiverPhase.RECEIVING
             self._next_status = now  # tell the sender at once that we are here
+            self._status_nominal = None
             self._events.append(events.SessionJoined(geometry, header.origin))
         elif geometry != self.geometry:
             self.stats.foreign_packets += 1  # another image under our session id: ignore it
@@ -362,6 +390,7 @@ class Receiver:
             # The block in flight as we join was partly sent before we listened.
             waiting = header.flags & wire.Flags.WAITING
             self._count_from = announce.next_block + (0 if waiting else 1)
+        self._regroup(max(announce.group_size, 1))
         self._timing = NackTiming(
             grtt=announce.grtt_us / 1e6,
             group_size=announce.group_size,
@@ -586,6 +615,7 @@ class Receiver:
             self.phase = ReceiverPhase.VERIFYING
             self._nacks.nack_at = None
             self._next_status = now
+            self._status_nominal = None
             self._events.append(events.AllBlocksDecoded())
 
     def _send_nack(self, now: float) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from mcastdeploy import wire
 from mcastdeploy.fec import codec_for
-from mcastdeploy.protocol import events
+from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.pacing import TokenBucket
@@ -53,10 +53,13 @@ class SenderConfig:
     min_receivers: int = 0
     #: ... or this many seconds after start, whichever comes first (None: no limit).
     wait: Optional[float] = None
-    #: After the pass, finish when nobody has asked for anything for this long.
+    #: After the pass, finish when nobody has asked for anything for this long (longer in
+    #: groups so large that receivers' STATUS come further apart: reporting.group_linger).
     linger: float = 5.0
-    #: Even when every known receiver is done, stay this long after the last request:
-    #: a receiver whose STATUS was lost is unknown to us until it asks for what it lacks.
+    #: Even when every known receiver is done, stay this long after the last request and
+    #: after the ANNOUNCE sent once they all were: a receiver whose STATUS was lost is
+    #: unknown to us until it asks for what it lacks, and one that started since the
+    #: previous ANNOUNCE learns of the session only from that one.
     flush: float = 0.2
     #: Group round-trip guess until receivers' echoes measure it.
     grtt: float = 0.01
@@ -116,6 +119,8 @@ class SenderStats:
     announce_packets: int = 0
     notice_packets: int = 0
     nacks_received: int = 0
+    #: STATUS reports heard: the load receivers' periodic reports put on the sender.
+    status_received: int = 0
     nack_entries: int = 0
     repairs_requested: int = 0
     nack_entries_suppressed: int = 0
@@ -164,6 +169,10 @@ class Sender:
         self._pass_started_at = 0.0
         self._next_announce = 0.0
         self._last_request = 0.0
+        #: Once every known receiver is done, the sender ends only a flush after the next
+        #: ANNOUNCE: owed until it goes out, then when it went out.
+        self._done_announce_owed = False
+        self._done_announced_at: Optional[float] = None
         self._events: deque[events.Event] = deque()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.grtt = GroupRtt(config.grtt)
@@ -248,6 +257,7 @@ class Sender:
         elif isinstance(body, wire.Nack):
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
+            self.stats.status_received += 1
             record.state = body.state
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost
@@ -266,6 +276,13 @@ class Sender:
                 record.blocks_done = self.geometry.block_count
                 self._events.append(events.ReceiverDone(
                     header.origin, self.checksum is None or body.checksum == self.checksum))
+                if self._all_done():
+                    # Announce at once rather than at the next interval: a receiver that
+                    # started since the last ANNOUNCE has not heard of the session, and we
+                    # would otherwise end a flush from now without it.
+                    self._done_announce_owed = True
+                    self._done_announced_at = None
+                    self._next_announce = now
         self._maybe_begin(now)
         self._maybe_finish(now)
 
@@ -282,7 +299,9 @@ class Sender:
         if self.state is SenderState.REPAIRING and not (self._repair or self._ready_repair):
             # Only while no repair is owed: until then _maybe_finish cannot act on it, and
             # a deadline in the past would wake the driver in a busy loop.
-            deadlines.append(self._last_request + self._end_quiet())
+            end = self._end_at()
+            if end is not None:
+                deadlines.append(end)
         # Wake at the pacing time also when only a block is missing, so that the driver
         # supplies it (blocks_wanted) and the pass or repair goes on at the full rate.
         wants_blocks = self.state is not SenderState.WAITING and bool(self.blocks_wanted())
@@ -302,6 +321,9 @@ class Sender:
         if now >= self._next_announce:
             self._consult_policies(now)
             out.append((self._announce(now), group))
+            if self._done_announce_owed:
+                self._done_announce_owed = False
+                self._done_announced_at = now
             self.grtt.end_window()
             self.stats.announce_packets += 1
             interval = self.config.announce_interval
@@ -344,7 +366,9 @@ class Sender:
         """Ask the rate and parity policies once per ANNOUNCE, which then tells receivers."""
         if self.parity is not None and self.state is SenderState.SENDING:
             self._set_proactive(self.parity.update(now, len(self.receivers)))
-        rate = self.rate.update(now)
+        # Receivers in large groups report less often: the rate policy must not decide on
+        # deltas that only some of them, or stale ones, have reported (reporting.py).
+        rate = self.rate.update(now, reporting.group_interval(len(self.receivers)))
         if self._bucket is not None and rate != self._bucket.rate_bps:
             self._bucket.set_rate(rate)
 
@@ -439,21 +463,38 @@ class Sender:
         return (known > 0 and known >= self.config.min_receivers
                 and all(record.done for record in self.receivers.values()))
 
-    def _end_quiet(self) -> float:
-        """How long after the last request the sender may end: ``flush`` once every known
-        receiver is done (to hear from receivers we never heard of), else ``linger``."""
+    def _end_at(self) -> Optional[float]:
+        """When the sender may end if it hears nothing more.
+
+        Once every known receiver is done: ``flush`` after both the last request (to hear
+        from receivers whose STATUS was lost) and the ANNOUNCE sent since they all were (so
+        that a receiver started after the previous ANNOUNCE hears of the session and joins
+        before we end); None until that ANNOUNCE is out, which is due at once.  Otherwise
+        ``linger`` after the last request, stretched to outlast a few of the STATUS gaps
+        of the group's size: a receiver still missing blocks may be between NACKs, and its
+        STATUS is then what says it is still there.
+        """
         linger = self.config.linger
-        return min(self.config.flush, linger) if self._all_done() else linger
+        if not self._all_done():
+            return self._last_request + self._linger()
+        if self._done_announced_at is None:
+            return None
+        return (max(self._last_request, self._done_announced_at)
+                + min(self.config.flush, linger))
+
+    def _linger(self) -> float:
+        return reporting.group_linger(len(self.receivers), self.config.linger)
 
     def _maybe_finish(self, now: float) -> None:
         if self.state is not SenderState.REPAIRING or self._repair or self._ready_repair:
             return
-        if now < self._last_request + self._end_quiet():
+        end = self._end_at()
+        if end is None or now < end:
             return
         known = len(self.receivers)
         done = sum(1 for record in self.receivers.values() if record.done)
         reason = ("every receiver is done" if self._all_done()
-                  else f"nothing asked for {self.config.linger:g} s")
+                  else f"nothing asked for {self._linger():g} s")
         self._finish(reason, known, done, now)
 
     def _finish(self, reason: str, known: int, done: int, now: float) -> None:

@@ -114,7 +114,11 @@ def test_local_image(tmp_path):
     try:
         assert image.size == len(data)
         assert image.read(1000, 50) == data[1000:1050]
-        assert image.checksum() == hashlib.sha256(data).digest()
+        whole, blocks = image.digests(1024 * 1024)
+        assert whole == hashlib.sha256(data).digest()
+        assert blocks == [hashlib.sha256(data[i:i + 1024 * 1024]).digest()
+                          for i in range(0, len(data), 1024 * 1024)]
+        assert len(blocks) == 4  # the last one 9 bytes
     finally:
         image.close()
     with pytest.raises(SourceError, match="cannot read image"):

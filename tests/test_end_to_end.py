@@ -62,3 +62,35 @@ def test_automatic_rate_on_loopback(tmp_path, loopback_spec):
     summary = json.loads(results[-1][1])
     # Loopback loses nothing: the rate only probed upward from an eighth of the ceiling.
     assert 25_000_000 < summary["rate_bps"] <= 200_000_000
+
+
+def test_a_restarted_receiver_fetches_only_what_its_target_lacks(tmp_path, loopback_spec):
+    """``recv --resume`` on a target holding the image's first half and garbage after it:
+    the half that matches the manifest is kept (not written again), the rest is fetched."""
+    spec, spec_path = loopback_spec
+    image = tmp_path / "image.raw"
+    size = 16 * 1024 * 1024 + 77
+    image_sha = write_random(image, size, seed=9)
+    data = image.read_bytes()
+    half = size // 2
+    resumed, fresh = tmp_path / "resumed.raw", tmp_path / "fresh.raw"
+    resumed.write_bytes(data[:half] + bytes(b ^ 0xFF for b in data[half:half + 4096])
+                        + data[half + 4096:][::-1])
+    receivers = [
+        mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30", "--resume",
+                    str(resumed)),
+        mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30", str(fresh)),
+    ]
+    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "2",
+                         "--wait", "30", "--json", str(image))
+    results = [finish(process, timeout=120) for process in receivers + [sender]]
+    for code, _, err in results:
+        assert code == 0, err
+    kept, written = (json.loads(out) for _, out, _ in results[:2])
+    assert sha256_file(resumed) == sha256_file(fresh) == image_sha
+    assert kept["sha256"] == written["sha256"] == image_sha
+    block_bytes = spec.block_symbols * spec.symbol_size
+    assert kept["blocks_kept"] == half // block_bytes  # whole blocks in the good half
+    assert kept["bytes_written"] <= size - kept["blocks_kept"] * block_bytes
+    assert written["blocks_kept"] == 0 and written["bytes_written"] == size
+    assert kept["blocks_rejected"] == written["blocks_rejected"] == 0

@@ -244,19 +244,21 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @_session_option
 @click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Give up when nothing comes from the sender for this many seconds.")
+@click.option("--resume", is_flag=True,
+              help="The target may already hold part of the image (a restarted receiver): "
+                   "check it block by block against the manifest and fetch only the rest.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
-def recv(session_path: str, timeout: float, group: Optional[str], port: Optional[int],
-         interface: Optional[str], rate: Optional[RateSetting],
-         as_json: bool, progress: str,
-         target: str) -> None:
+def recv(session_path: str, timeout: float, resume: bool, group: Optional[str],
+         port: Optional[int], interface: Optional[str], rate: Optional[RateSetting],
+         as_json: bool, progress: str, target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("recv", progress, as_json,
-                    functools.partial(run_recv, spec, target, timeout=timeout))
+                    functools.partial(run_recv, spec, target, timeout=timeout, resume=resume))
 
 
 @main.command()

@@ -7,8 +7,8 @@ import os
 import stat
 
 from mcastdeploy.drivers.target import device_size
+from mcastdeploy.protocol.manifest import block_hash
 
-_HASH_CHUNK = 1 << 20
 
 
 class SourceError(OSError):
@@ -39,17 +39,21 @@ class LocalImage:
             raise SourceError(f"image {self.path} shrank while being sent")
         return data
 
-    def checksum(self) -> bytes:
-        """SHA-256 of the whole image, read once before sending.
+    def digests(self, block_bytes: int) -> tuple[bytes, list[bytes]]:
+        """SHA-256 of the whole image and of each ``block_bytes`` block, in one read.
 
-        Knowing it before the first packet lets every ANNOUNCE carry it, so a receiver
-        whose spec pins another image refuses before writing a byte, and a sender never
-        multicasts an image that does not match the spec.
+        Knowing them before the first packet lets every ANNOUNCE carry the checksum, so a
+        receiver whose spec pins another image refuses before writing a byte, a sender never
+        multicasts an image that does not match the spec, and the block manifest
+        (protocol/manifest.py) can go out ahead of the blocks it vouches for.
         """
-        digest = hashlib.sha256()
-        for offset in range(0, self.size, _HASH_CHUNK):
-            digest.update(self.read(offset, min(_HASH_CHUNK, self.size - offset)))
-        return digest.digest()
+        whole = hashlib.sha256()
+        blocks: list[bytes] = []
+        for offset in range(0, self.size, block_bytes):
+            data = self.read(offset, min(block_bytes, self.size - offset))
+            whole.update(data)
+            blocks.append(block_hash(data))
+        return whole.digest(), blocks
 
     def close(self) -> None:
         if self._fd >= 0:

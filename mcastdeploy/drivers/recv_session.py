@@ -43,6 +43,9 @@ class RecvSummary:
     repairs_received: int
     packets_lost: int
     blocks_recovered: int
+    #: Decoded blocks the manifest refused (fetched again), and blocks kept from the target.
+    blocks_rejected: int
+    blocks_kept: int
     sha256: str
     #: Datagrams refused before parsing, by reason (protocol/intake.py).
     rejected: dict
@@ -52,7 +55,7 @@ class RecvSummary:
 
 
 def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
-             on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
+             resume: bool = False, on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
     """Receive the session's image into ``target_path``; verified before it says ok.
 
     Raises NetworkError/TargetError for unusable settings (before anything is written).
@@ -64,19 +67,37 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
     try:
         unicast_sock = open_unicast_socket(interface)
         try:
-            return _run(spec, target_path, timeout, group_sock, unicast_sock, on_progress)
+            return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
+                        on_progress)
         finally:
             unicast_sock.close()
     finally:
         group_sock.close()
 
 
-def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicast_sock,
-         on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
+def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
+                           now: float) -> None:
+    """Blocks the target already holds, as the manifest says they should be, need not come
+    again: after a restart only what is missing or wrong is fetched."""
+    geometry, manifest = receiver.geometry, receiver.manifest
+    assert geometry is not None and manifest is not None
+    for block in blocks:
+        if not receiver.needs_block(block):
+            continue
+        offset = geometry.offset(block)
+        data = target.read(offset, geometry.block_length(block))
+        if manifest.check(block, data):
+            target.keep(offset, data)
+            receiver.block_on_target(block, now)
+
+
+def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
+         unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.image_checksum,
                                        timeout=timeout, key=spec.key_bytes,
-                                       encrypt=spec.encrypt),
+                                       encrypt=spec.encrypt, require_manifest=True,
+                                       resume=resume),
                         origin=secrets.randbits(32))
     started = time.monotonic()
     target: Optional[Target] = None
@@ -93,6 +114,9 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicas
                 raise TargetError(f"the sender's image is {size} bytes, the session spec "
                                   f"says {spec.image_size}")
             target = Target(target_path, size)
+        elif isinstance(event, events.HashesLearned) and resume:
+            assert target is not None
+            keep_what_target_holds(receiver, target, event.blocks, now)
         elif isinstance(event, events.AllBlocksDecoded):
             assert target is not None
             receiver.image_verified(target.finish(), now)
@@ -130,6 +154,8 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, group_sock, unicas
         repairs_received=stats.repair_packets,
         packets_lost=receiver.packets_lost,
         blocks_recovered=stats.blocks_recovered,
+        blocks_rejected=stats.blocks_rejected,
+        blocks_kept=stats.blocks_kept,
         sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
         rejected=rejected(stats),
     )

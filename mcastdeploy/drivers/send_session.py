@@ -11,7 +11,9 @@ from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
 from mcastdeploy.protocol import events
+from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import rejected
+from mcastdeploy.protocol.manifest import SenderManifest
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
@@ -70,20 +72,22 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
         if spec.image_size is not None and spec.image_size != image.size:
             raise SourceError(f"image {image_path} is {image.size} bytes, the session spec "
                               f"says {spec.image_size}")
-        checksum = image.checksum()
+        geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
+        checksum, block_hashes = image.digests(geometry.block_bytes)
         if spec.image_checksum is not None and checksum != spec.image_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
         sock = open_sender_socket(interface, spec.ttl)
         try:
-            return _run(spec, image, checksum, sock, min_receivers, wait, linger, on_progress)
+            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, min_receivers,
+                        wait, linger, on_progress)
         finally:
             sock.close()
     finally:
         image.close()
 
 
-def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receivers: int,
-         wait: Optional[float], linger: float,
+def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest, sock,
+         min_receivers: int, wait: Optional[float], linger: float,
          on_progress: Optional[Callable[[SendProgress], None]]) -> SendSummary:
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
@@ -103,7 +107,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, sock, min_receiv
         key=spec.key_bytes,
         encrypt=spec.encrypt,
     )
-    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum)
+    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
+                    manifest=manifest)
     geometry = sender.geometry
     started = time.monotonic()
     ended: list[events.SessionEnded] = []

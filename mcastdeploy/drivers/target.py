@@ -76,6 +76,15 @@ class Target:
         self._digest = OrderedDigest(image_size, self._read)
         self.bytes_written = 0
 
+    def read(self, offset: int, length: int) -> bytes:
+        """What the target holds there now (a resuming receiver checks it)."""
+        return self._read(offset, length)
+
+    def keep(self, offset: int, data: bytes | memoryview) -> None:
+        """``data``, just read from ``offset``, stays: count it in the image's digest as if
+        written (nothing is written)."""
+        self._digest.update_at(offset, data)
+
     def _read(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:

@@ -543,6 +543,10 @@ class Receiver:
                                                 self._block_view(block, partial)))
         self._after_block(now)
 
+    def needs_block(self, block: int) -> bool:
+        """False once ``block`` has been handed over (or kept from the target)."""
+        return self._done[block] != _DONE
+
     def block_on_target(self, block: int, now: float) -> None:
         """The driver found ``block`` already on the target, matching the manifest (after
         HashesLearned, with ``resume``): count it done without receiving it."""

@@ -157,10 +157,12 @@ def session() -> None:
 @click.option("--symbol-size", type=click.IntRange(16, 65000),
               help="Bytes per packet payload (default 1400, fits a 1500-byte MTU).")
 @click.option("--block-symbols", type=click.IntRange(1, 254),
-              help="Source symbols per FEC block, k (default 32).")
+              help="Source symbols per FEC block, k (default 32; 64 for thousands of "
+                   "receivers, where parity per block then costs half as much).")
 @click.option("--proactive-repair", type=PROACTIVE,
-              help="Repair symbols sent with every block before anyone asks (default 1), "
-                   "or 'auto' / 'auto:N' to size them from the group's loss, at least N.")
+              help="Repair symbols sent with every block before anyone asks: N, or "
+                   "'auto' / 'auto:N' (default auto:1) to size them from the group's size "
+                   "and loss, at least N.")
 @click.option("--image", "image", type=click.Path(dir_okay=False),
               help="Pin this image's size and SHA-256 in the spec.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),

@@ -105,3 +105,14 @@ def test_a_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError):
         session_cipher(b"short", SID)
     assert len(seal.new_key()) == seal.KEY_BYTES
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_a_payload_passed_apart_seals_as_if_joined(encrypt: bool) -> None:
+    cipher = session_cipher(SECRET, SID)
+    head = wire.encode_data_header(SID, 7, 3, 1)
+    payload = memoryview(bytes(range(200)))
+    joined = Sealer(cipher, 7, encrypt=encrypt, first_counter=9).seal(head + bytes(payload))
+    apart = Sealer(cipher, 7, encrypt=encrypt, first_counter=9).seal(head, payload)
+    assert apart == joined
+    assert Opener(cipher, encrypt=encrypt).open(apart) == head + bytes(payload)

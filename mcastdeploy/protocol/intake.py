@@ -30,8 +30,9 @@ class Protection:
         self._sealer = Sealer(cipher, origin, encrypt=encrypt)
         self.opener = Opener(cipher, encrypt=encrypt)
 
-    def seal(self, datagram: bytes) -> bytes:
-        return self._sealer.seal(datagram)
+    def seal(self, datagram: bytes, payload: bytes | memoryview = b"") -> bytes:
+        """The plain datagram ``datagram + payload``, sealed."""
+        return self._sealer.seal(datagram, payload)
 
 
 def protection_for(secret: Optional[bytes], session_id: int, origin: int,

@@ -401,9 +401,6 @@ class Sender:
             self._repair.holdoff = self._holdoff()
 
     def _count(self, out: list[tuple[bytes, Address]]) -> None:
-        """Seal (in place) and count what leaves."""
-        if self._protection is not None:
-            out[:] = [(self._protection.seal(datagram), to) for datagram, to in out]
         self.stats.packets_sent += len(out)
         self.stats.bytes_sent += sum(len(datagram) for datagram, _ in out)
 
@@ -417,7 +414,16 @@ class Sender:
         return record
 
     def _encode(self, body: wire.packets.Body, flags: wire.Flags = wire.Flags.NONE) -> bytes:
-        return wire.encode(self.config.session_id, self.origin, body, flags)
+        datagram = wire.encode(self.config.session_id, self.origin, body, flags)
+        return datagram if self._protection is None else self._protection.seal(datagram)
+
+    def _data_datagram(self, block: int, symbol: int, payload: bytes | memoryview,
+                       flags: wire.Flags = wire.Flags.NONE) -> bytes:
+        """A DATA datagram, sealed as it is assembled: the payload is copied once."""
+        head = wire.encode_data_header(self.config.session_id, self.origin, block, symbol, flags)
+        if self._protection is None:
+            return head + payload
+        return self._protection.seal(head, payload)
 
     def _announce(self, now: float) -> bytes:
         flags = wire.Flags.NONE
@@ -604,8 +610,7 @@ class Sender:
                 self._proactive_rows = dict(zip(ids, codec_for(k).encode(array, ids)))
             payload = self._proactive_rows.pop(symbol).data
             self.stats.proactive_packets += 1
-        datagram = wire.encode_data_header(self.config.session_id, self.origin, block,
-                                           symbol) + payload
+        datagram = self._data_datagram(block, symbol, payload)
         self._pass_symbol += 1
         if self._pass_symbol >= self._pass_symbols(block):
             self._pass_block += 1
@@ -640,5 +645,4 @@ class Sender:
             # The quiet time before ending counts from the last repair sent, not from the
             # request: after a long backlog receivers must still get time to ask again.
             self._last_request = now
-        return wire.encode_data_header(self.config.session_id, self.origin, block, symbol,
-                                       wire.Flags.REPAIR) + payload
+        return self._data_datagram(block, symbol, payload, wire.Flags.REPAIR)

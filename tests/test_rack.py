@@ -14,23 +14,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import pytest
-from helpers import sha256_file, write_random
+from helpers import write_random
 from rack_fixtures import rack, rack_bed, rackbed  # noqa: F401  (fixtures)
+from rack_transfer import IMAGE_SIZE, LINK, Transfer, report
 
-from mcastdeploy.spec import new_session
-
-LINK = "50mbit"
-#: 80 % of the link: headers fit, and tbf never has to drop what the sender paces out.
-RATE_BPS = 40_000_000
-IMAGE_SIZE = 12 * 1024 * 1024 + 777  # ~2.5 s at RATE_BPS; not a whole number of blocks
 RECEIVERS = 8
-#: Longest any one transfer may take here before the test kills it and fails.
-DEADLINE = 60.0
-ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
@@ -39,119 +29,8 @@ def image(tmp_path_factory) -> tuple[str, str]:
     return str(path), write_random(path, IMAGE_SIZE, seed=11)
 
 
-@dataclass
-class Peer:
-    host: str
-    process: subprocess.Popen
-    out: str
-    err: str
-    target: Optional[str]
-    started: float
-    ended: Optional[float] = None
-
-    def summary(self) -> dict[str, Any]:
-        with open(self.out, encoding="utf-8") as handle:
-            text = handle.read().strip()
-        return json.loads(text.splitlines()[-1]) if text else {}
-
-    def tail(self, chars: int = 1500) -> str:
-        with open(self.err, encoding="utf-8", errors="replace") as handle:
-            return handle.read()[-chars:]
-
-
-class Transfer:
-    """One session on a rack: receivers and a sender started by hand, timed, then checked."""
-
-    def __init__(self, rack, directory, image: tuple[str, str], label: str) -> None:
-        self.rack = rack
-        self.directory = directory / label
-        self.directory.mkdir()
-        self.image, self.sha = image
-        self.spec = new_session(interface="eth0", rate_bps=RATE_BPS)
-        self.spec_path = str(self.directory / "session.json")
-        self.spec.save(self.spec_path)
-        self.peers: dict[str, Peer] = {}
-        self.sender_started: Optional[float] = None
-
-    def _start(self, host: str, argv: list[str], target: Optional[str]) -> Peer:
-        out, err = (str(self.directory / f"{host}.{kind}") for kind in ("out", "err"))
-        with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = self.rack.exec(host, [sys.executable, "-m", "mcastdeploy", *argv],
-                                     stdout=stdout, stderr=stderr, env=ENV)
-        peer = Peer(host, process, out, err, target, time.monotonic())
-        self.peers[host] = peer
-        return peer
-
-    def receive(self, *hosts: str, wait_joined: bool = True) -> None:
-        for host in hosts:
-            target = str(self.directory / f"{host}.raw")
-            self._start(host, ["recv", "--session", self.spec_path, "--json", "--timeout",
-                               "30", "--progress", "none", target], target)
-        if wait_joined:  # every receiver listening before the sender starts: fair timing
-            self.rack.wait_joined(hosts, self.spec.group, timeout=15)
-
-    def send(self, min_receivers: int, progress: str = "none") -> Peer:
-        peer = self._start("sender", ["send", "--session", self.spec_path,
-                                      "--min-receivers", str(min_receivers), "--wait", "30",
-                                      "--json", "--progress", progress, self.image], None)
-        self.sender_started = peer.started
-        return peer
-
-    def wait(self) -> None:
-        """Wait (bounded) for every process, noting when each one ended."""
-        deadline = time.monotonic() + DEADLINE
-        while any(p.ended is None for p in self.peers.values()):
-            now = time.monotonic()
-            for peer in self.peers.values():
-                if peer.ended is None and peer.process.poll() is not None:
-                    peer.ended = now
-            if now > deadline:
-                for peer in self.peers.values():
-                    if peer.process.poll() is None:
-                        peer.process.kill()
-                        peer.process.wait(5)
-                pytest.fail(f"transfer still running after {DEADLINE:g} s\n{self.tails()}")
-            time.sleep(0.005)
-
-    def finished_after(self, host: str) -> float:
-        """Seconds from the sender's start to ``host``'s exit."""
-        assert self.sender_started is not None
-        return self.peers[host].ended - self.sender_started  # type: ignore[operator]
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {p.host} exit {p.process.returncode}, stderr tail:\n{p.tail()}"
-                         for p in self.peers.values())
-
-    def check(self, receivers_done: int) -> dict[str, dict[str, Any]]:
-        """Assert exit codes, summaries and copies; return the summaries by host."""
-        summaries = {}
-        for host, peer in self.peers.items():
-            assert peer.process.returncode == 0, f"{host} exited {peer.process.returncode}\n" \
-                                                 f"{self.tails()}"
-            summary = summaries[host] = peer.summary()
-            assert summary.get("ok") is True, f"{host}: {summary}\n{self.tails()}"
-            assert summary["sha256"] == self.sha, f"{host}: {summary}"
-            assert summary["bytes"] == IMAGE_SIZE
-            if peer.target is not None:
-                assert summary["role"] == "recv"
-                assert sha256_file(peer.target) == self.sha, f"{host}'s copy differs"
-        sender = summaries["sender"]
-        assert sender["role"] == "send"
-        assert sender["receivers"] == receivers_done, f"{sender}\n{self.tails()}"
-        assert sender["receivers_done"] == receivers_done, f"{sender}\n{self.tails()}"
-        return summaries
-
-
 def receivers_of(rack, count: int = RECEIVERS) -> list[str]:
     return rack.receivers[:count]
-
-
-def report(what: str, **numbers: Any) -> str:
-    line = f"rack {what}: " + ", ".join(
-        f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
-        for key, value in numbers.items())
-    print(line)
-    return line
 
 
 @pytest.mark.parametrize("loss", [0.0, 1.0, 5.0])
@@ -222,21 +101,10 @@ def test_late_joiner_catches_up(rack, tmp_path, image, record_property):
     early, late = receivers_of(bed)[:-1], receivers_of(bed)[-1]
     transfer = Transfer(bed, tmp_path, image, "late")
     transfer.receive(*early)
-    sender = transfer.send(min_receivers=len(early), progress="json")
+    transfer.send(min_receivers=len(early), progress="json")
 
     # Start the last receiver once the data pass is a fifth of the way through.
-    deadline = time.monotonic() + 30
-    position = 0
-    while position < IMAGE_SIZE // 5:
-        assert time.monotonic() < deadline, f"the pass did not start\n{transfer.tails()}"
-        assert sender.process.poll() is None, f"the sender ended early\n{transfer.tails()}"
-        time.sleep(0.02)
-        with open(sender.err, encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("{") and line.endswith("}\n"):
-                    record = json.loads(line)
-                    if record.get("state") == "sending":
-                        position = max(position, record["bytes_done"])
+    position = transfer.wait_sent(0.2)
     transfer.receive(late, wait_joined=False)
     transfer.wait()
     summaries = transfer.check(receivers_done=RECEIVERS)
@@ -244,7 +112,7 @@ def test_late_joiner_catches_up(rack, tmp_path, image, record_property):
     # It really was late: what passed before it listened came back only as repair.
     assert summaries[late]["repairs_asked"] > 0, summaries[late]
     record_property("late_joiner_s", transfer.finished_after(late))
-    report("late joiner", joined_at_fraction=position / IMAGE_SIZE,
+    report("late joiner", joined_at_fraction=position,
            early_last_s=max(transfer.finished_after(h) for h in early),
            late_s=transfer.finished_after(late),
            late_repairs_asked=summaries[late]["repairs_asked"])

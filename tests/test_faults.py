@@ -66,9 +66,9 @@ def test_receiver_killed_and_resumed(rack, tmp_path, image):
     """A receiver killed mid-pass and restarted with ``--resume`` on its target keeps what
     it had written and fetches only the rest.
 
-    The sender cannot know the new process (a new origin) is the dead one come back: it
-    counts RECEIVERS + 1 receivers, waits its linger for the one that never reports done,
-    and then says so (exit 1), although every copy is right.
+    The new process has a new origin but the same node id (machine, address, target):
+    the sender counts it as the dead one come back, not waiting out its linger for a
+    receiver that no longer exists, and ends with every receiver done.
     """
     linger = 5.0
     bed = rack(RECEIVERS, rate=LINK)
@@ -92,19 +92,16 @@ def test_receiver_killed_and_resumed(rack, tmp_path, image):
 
     sender = transfer.peers["sender"]
     outcome = sender.summary()
-    assert sender.process.returncode == 1, transfer.tails()
-    assert outcome["ok"] is False and outcome["sha256"] == transfer.sha, outcome
-    assert (outcome["receivers"], outcome["receivers_done"]) == (RECEIVERS + 1, RECEIVERS), \
-        outcome
-    assert outcome["reason"].startswith(f"1 of {RECEIVERS + 1} receivers did not report"), \
-        outcome
+    assert sender.process.returncode == 0, transfer.tails()
+    assert outcome["ok"] is True and outcome["sha256"] == transfer.sha, outcome
+    assert (outcome["receivers"], outcome["receivers_done"]) == (RECEIVERS, RECEIVERS), outcome
     last = max(peer.ended for peer in transfer.peers.values() if peer.target)
     waited = sender.ended - last
-    # It waited out its linger for the dead receiver, and not much more.
-    assert linger - 2 <= waited <= linger + 3, waited
+    # It did not wait out its linger for the dead run.
+    assert waited < linger - 2, waited
     report("receiver killed and resumed", killed_at_fraction=reached,
            blocks_kept=resumed["blocks_kept"], blocks_total=BLOCKS,
-           resumed_s=transfer.finished_after(victim), sender_waited_for_dead_s=waited)
+           resumed_s=transfer.finished_after(victim), sender_waited_after_last_s=waited)
 
 
 def test_ten_percent_loss_everywhere(rack, tmp_path, image):

@@ -505,6 +505,29 @@ def test_pass_accounting_counts_repair_interleaved_in_the_pass() -> None:
     assert busy.stats.pass_seconds / quiet.stats.pass_seconds == pytest.approx(
         busy.stats.pass_bytes_sent / quiet.stats.pass_bytes_sent, rel=0.05)
 
+def test_a_restarted_receiver_replaces_its_dead_run() -> None:
+    """The same node (machine and target) under a new origin is the old receiver come back:
+    the sender waits for the new run only, and reports the session done when it is."""
+    image = random_image(1000)
+    sender = make_sender(len(image), min_receivers=2)
+    sender.start(0.0)
+    joined = wire.Status(wire.ReceiverState.RECEIVING, 0, 0, 0, 0, 0, node_id=5)
+    other = wire.Status(wire.ReceiverState.RECEIVING, 0, 0, 0, 0, 0, node_id=6)
+    sender.receive_datagram(reply(joined, 1), ("10.0.0.1", 1), 0.0)
+    sender.receive_datagram(reply(other, 3), ("10.0.0.3", 1), 0.0)
+    drive(sender, image, 0.0, 5.0, stop=lambda s: s.state is SenderState.REPAIRING)
+    # Receiver 1 dies; the same node comes back as origin 2 and finishes.
+    sender.receive_datagram(reply(joined, 2), ("10.0.0.1", 2), 1.0)
+    assert set(sender.receivers) == {2, 3} and sender.stats.receivers_restarted == 1
+    for origin in (2, 3):
+        sender.receive_datagram(reply(wire.Done(sender.checksum or bytes(32)), origin),
+                                ("10.0.0.1", origin), 1.1)
+    now, _ = drive(sender, image, 1.1, 10.0, stop=lambda s: s.state is SenderState.FINISHED)
+    assert sender.state is SenderState.FINISHED and now < 2.0  # no linger for the dead run
+    ended = [e for e in drain_events(sender) if isinstance(e, events.SessionEnded)]
+    assert ended[-1].receivers_known == ended[-1].receivers_done == 2
+
+
 def test_sender_ignores_foreign_and_invalid_datagrams() -> None:
     image = random_image(1000)
     sender = make_sender(len(image), min_receivers=1)

@@ -73,7 +73,8 @@ def statuses(draw: st.DrawFn) -> wire.Status:
                        blocks_done=draw(st.integers(0, count)), block_count=count,
                        packets_received=draw(st.integers(0, U64)),
                        packets_lost=draw(st.integers(0, U64)), nacks_sent=draw(st.integers(0, U32)),
-                       echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)))
+                       echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)),
+                       node_id=draw(st.integers(0, U64)))
 
 
 manifests = st.builds(wire.Manifest, first=st.integers(0, U32),
@@ -310,12 +311,12 @@ def test_reject_announce_wrong_length() -> None:
 
 def test_reject_status_done_beyond_count_and_unknown_state() -> None:
     layout = wire.Status.BODY
-    ok = wire.parse(_raw(wire.PacketType.STATUS, layout.pack(3, 5, 5, 1, 0, 0, 9, 8))).body
+    ok = wire.parse(_raw(wire.PacketType.STATUS, layout.pack(3, 5, 5, 1, 0, 0, 9, 8, 77))).body
     assert ok.state is wire.ReceiverState.DONE and ok.blocks_done == ok.block_count == 5
-    assert (ok.echo_us, ok.hold_us) == (9, 8)
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 6, 5, 1, 0, 0, 0, 0)),
+    assert (ok.echo_us, ok.hold_us, ok.node_id) == (9, 8, 77)
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 6, 5, 1, 0, 0, 0, 0, 0)),
              "more blocks done")
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 5, 1, 0, 0, 0, 0)), "unknown state")
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 5, 1, 0, 0, 0, 0, 0)), "unknown state")
 
 
 def test_reject_bad_data_end_done() -> None:

@@ -6,7 +6,10 @@ in the click layer.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -75,6 +78,19 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
         group_sock.close()
 
 
+def node_id(target_path: str, local_host: str) -> int:
+    """This receiver's node: the same after a restart on the same machine, address and
+    target, different for another target or machine (wire.Status.node_id)."""
+    try:
+        with open("/etc/machine-id", encoding="ascii") as handle:
+            machine = handle.read().strip()
+    except OSError:
+        machine = ""
+    identity = "\0".join((machine, socket.gethostname(), local_host,
+                          os.path.realpath(target_path)))
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") or 1
+
+
 def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
                            now: float) -> None:
     """Blocks the target already holds, as the manifest says they should be, need not come
@@ -97,7 +113,9 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
                                        expected_checksum=spec.image_checksum,
                                        timeout=timeout, key=spec.key_bytes,
                                        encrypt=spec.encrypt, require_manifest=True,
-                                       resume=resume),
+                                       resume=resume,
+                                       node_id=node_id(target_path,
+                                                       unicast_sock.getsockname()[0])),
                         origin=secrets.randbits(32))
     started = time.monotonic()
     target: Optional[Target] = None

@@ -46,6 +46,9 @@ class ReceiverConfig:
     #: The session secret (32 bytes): see SenderConfig.key.
     key: Optional[bytes] = None
     encrypt: bool = False
+    #: Stable across this receiver's restarts (machine and target; see wire.Status):
+    #: the sender then counts a restarted receiver once, not as a new one and a dead one.
+    node_id: int = 0
     #: Refuse a sender that multicasts no block manifest (the CLI always requires one).
     require_manifest: bool = False
     #: The target may already hold blocks (a restarted receiver): ask for the whole
@@ -328,6 +331,7 @@ class Receiver:
             packets_received=self._pass_received,
             packets_lost=self.packets_lost,
             nacks_sent=self.stats.nacks_sent,
+            node_id=self.config.node_id,
             **self._echo_fields(now),
         ))
 

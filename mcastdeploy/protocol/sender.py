@@ -129,6 +129,8 @@ class SenderStats:
     unauthentic_packets: int = 0
     replayed_packets: int = 0
     manifest_packets: int = 0
+    #: Receivers that came back under a new origin (the old run forgotten).
+    receivers_restarted: int = 0
     manifest_requests: int = 0
     #: Bytes on the wire from the pass's start to its last block (to within one batch),
     #: repair interleaved included: at a fixed rate this, not a clock, says how much a
@@ -154,6 +156,7 @@ class Sender:
         self.state = SenderState.WAITING
         self.stats = SenderStats()
         self.receivers: dict[int, ReceiverRecord] = {}
+        self._origin_of_node: dict[int, int] = {}
         if manifest is not None and len(manifest.hashes) != self.geometry.block_count:
             raise ValueError("the manifest does not have one hash per block")
         self.manifest = manifest
@@ -258,6 +261,8 @@ class Sender:
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
             self.stats.status_received += 1
+            if body.node_id:
+                self._same_node(body.node_id, header.origin)
             record.state = body.state
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost
@@ -403,6 +408,15 @@ class Sender:
     def _count(self, out: list[tuple[bytes, Address]]) -> None:
         self.stats.packets_sent += len(out)
         self.stats.bytes_sent += sum(len(datagram) for datagram, _ in out)
+
+    def _same_node(self, node: int, origin: int) -> None:
+        """``origin`` reports for ``node``: if another origin did before, that receiver
+        was restarted, and its old run is no longer waited for."""
+        previous = self._origin_of_node.get(node)
+        self._origin_of_node[node] = origin
+        if previous is not None and previous != origin and previous in self.receivers:
+            del self.receivers[previous]
+            self.stats.receivers_restarted += 1
 
     def _record(self, origin: int, addr: Address, now: float) -> ReceiverRecord:
         record = self.receivers.get(origin)

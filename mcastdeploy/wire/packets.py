@@ -306,7 +306,7 @@ class Status:
     """A receiver's progress and the loss it sees, so the sender can watch the group."""
 
     TYPE: ClassVar[PacketType] = PacketType.STATUS
-    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQIQI")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQIQIQ")
 
     state: ReceiverState
     blocks_done: int
@@ -316,23 +316,26 @@ class Status:
     nacks_sent: int
     echo_us: int = 0  # as in NACK
     hold_us: int = 0
+    #: The receiver's node (machine and target), the same across its restarts; 0: unknown.
+    #: Lets the sender tell a restarted receiver from a new one (origins are per run).
+    node_id: int = 0
 
     def body(self) -> bytes:
         return self.BODY.pack(self.state, self.blocks_done, self.block_count,
                               self.packets_received, self.packets_lost, self.nacks_sent,
-                              self.echo_us, self.hold_us)
+                              self.echo_us, self.hold_us, self.node_id)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Status":
         (state, done, count, received, lost, nacks, echo,
-         hold) = _unpack_exact(cls.BODY, body, "STATUS")
+         hold, node) = _unpack_exact(cls.BODY, body, "STATUS")
         try:
             receiver_state = ReceiverState(state)
         except ValueError:
             raise WireError(f"STATUS: unknown state {state}") from None
         if done > count:
             raise WireError("STATUS: more blocks done than exist")
-        return cls(receiver_state, done, count, received, lost, nacks, echo, hold)
+        return cls(receiver_state, done, count, received, lost, nacks, echo, hold, node)
 
 
 @dataclass(frozen=True)

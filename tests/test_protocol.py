@@ -924,6 +924,9 @@ def test_receiver_follows_a_restarted_sender_and_keeps_its_blocks() -> None:
 
     receiver.receive_datagram(new.announce(0), SOURCE_ADDR, 1.0)
     assert receiver.sender_id == 222 and receiver.sender_address == ("10.0.0.9", 7001)
+    receiver.handle_timer(1.0)  # it reports to the new instance at once
+    assert [(type(p.body), to) for p, to in sent_by(receiver, 1.0)] == [
+        (wire.Status, ("10.0.0.9", 7001))]
     assert drain_events(receiver) == []  # the same session goes on, no new join
     # The old instance's symbols of unfinished block 2 are dropped: no block mixes two
     # instances' packets.  And the old instance is not followed any more.

@@ -611,6 +611,10 @@ class Receiver:
             self.manifest.forget()
             if self.config.resume:
                 self.manifest.want_all(now)
+        # Tell the new instance at once that we are here (it may be waiting for us), and
+        # ramp the reports up again as for a join.
+        self._next_status = now
+        self._statuses_sent = 0
         # The new pass starts over: what is missing is owed again as it passes.
         self._frontier = 0
         self._pass_counts.clear()

@@ -202,3 +202,39 @@ def test_session_new_prints_spec_with_fresh_ids():
     first, second = (json.loads(run("session", "new")[1]) for _ in range(2))
     assert first["session_id"] != second["session_id"]
     assert first["group"].startswith("239.")
+
+
+def test_receiver_with_the_wrong_key_writes_nothing_and_says_why(tmp_path, image):
+    sender_spec = new_session(interface="lo")
+    receiver_spec = sender_spec.replace(key="cd" * 32)
+    paths = []
+    for name, spec in (("send.json", sender_spec), ("recv.json", receiver_spec)):
+        paths.append(tmp_path / name)
+        spec.save(str(paths[-1]))
+    target = tmp_path / "t.raw"
+    receiver = mcastdeploy("recv", "--session", str(paths[1]), "--timeout", "2", "--json",
+                           str(target))
+    # Waiting for a receiver that never joins, the sender announces for 4 s.
+    sender = mcastdeploy("send", "--session", str(paths[0]), "--min-receivers", "1",
+                         "--wait", "4", "--linger", "0", image)
+    code, out, err = finish(receiver)
+    finish(sender)
+    assert_one_line_error(code, err, 1, "failed authentication: is the session key")
+    summary = json.loads(out)
+    assert summary["ok"] is False and summary["rejected"]["unauthentic"] > 0
+    assert not target.exists()
+
+
+def test_port_in_use(loopback_spec, tmp_path):
+    """Another program holds the session's port without sharing it."""
+    import socket
+    spec, spec_path = loopback_spec
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        holder.bind(("0.0.0.0", spec.port))
+        target = tmp_path / "t.raw"
+        code, _, err = run("recv", "--session", spec_path, "--timeout", "1", str(target))
+        assert_one_line_error(code, err, 2, "in use")
+        assert not target.exists()
+    finally:
+        holder.close()

@@ -398,6 +398,26 @@ def test_nack_for_unsent_blocks_is_ignored() -> None:
     assert data_of(sent, repair=True) == [(0, 9), (0, 10)]
 
 
+def test_nack_or_status_for_blocks_past_the_image_is_invalid_and_adds_no_receiver() -> None:
+    # Found on the rack (tests/test_hostile.py): sealed NACKs for absurd blocks made their
+    # origin a receiver, which never reported done, so the sender failed the session.
+    image = random_image(5 * 512)
+    sender = make_sender(len(image), block_symbols=8, min_receivers=1)
+    sender.start(0.0)
+    count = sender.geometry.block_count
+    for body in (wire.Nack(((count, 1),)), wire.Nack(((0, 1), (2**32 - 1, 3))),
+                 wire.Status(wire.ReceiverState.RECEIVING, 0, count + 1, 0, 0, 0),
+                 wire.Status(wire.ReceiverState.RECEIVING, 2**32 - 1, 2**32 - 1, 0, 0, 0)):
+        sender.receive_datagram(reply(body, 0xBAD), ("10.0.0.66", 1), 0.0)
+    assert sender.stats.invalid_packets == 4
+    assert sender.receivers == {} and sender.state is SenderState.WAITING
+    assert sender.stats.nacks_received == 0
+    # What real receivers send still counts: before joining (no image yet) and after.
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    sender.receive_datagram(reply(wire.Nack(((count - 1, 1),)), 2), ("10.0.0.2", 1), 0.0)
+    assert set(sender.receivers) == {1, 2} and sender.stats.invalid_packets == 4
+
+
 def test_sender_finishes_when_every_receiver_is_done() -> None:
     image = random_image(3 * 256)
     checksum = hashlib.sha256(image).digest()

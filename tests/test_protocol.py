@@ -801,6 +801,21 @@ def test_nack_goes_to_the_source_address_when_the_sender_names_none() -> None:
     assert nacks_in(sent_by(receiver, 1.0)) == [(wire.Nack(((0, 2),)), SOURCE_ADDR)]
 
 
+@pytest.mark.parametrize("host", ["255.255.255.255", "239.1.2.3", "::1"])
+def test_announce_naming_a_reply_address_no_datagram_can_reach_is_invalid(host: str) -> None:
+    # Found on the rack (tests/test_hostile.py): one sealed ANNOUNCE naming the broadcast
+    # address made every receiver's next STATUS fail with EACCES, ending its transfer.
+    source = Source(random_image(3 * 256))
+    receiver = joined(source)
+    unusable = Source(source.image, host=host)
+    receiver.receive_datagram(unusable.announce(), SOURCE_ADDR, 0.1)
+    assert receiver.stats.invalid_packets == 1
+    assert receiver.sender_address == ("10.0.0.9", 7000)
+    fresh = make_receiver()  # nor does anyone join on one
+    fresh.receive_datagram(unusable.announce(), SOURCE_ADDR, 0.0)
+    assert fresh.geometry is None and fresh.stats.invalid_packets == 1
+
+
 def test_nack_retries_back_off_up_to_the_cap() -> None:
     source = Source(random_image(4 * 256), proactive=0)
     timing = source.timing

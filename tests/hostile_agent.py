@@ -7,9 +7,10 @@ segment, learns the sender's origin, reply port and packet counter from its seal
 ANNOUNCE and DATA, and then sends, at the group, at every receiver's unicast port and at
 the sender: packets sealed with another key, of another session, unsealed, truncated,
 oversized (up to 65,507 bytes, fragmented), of a wrong version or type, correctly sealed
-but malformed (symbol 255, zero counts, lengths that disagree, unknown states), blocks past
-the image in DATA impersonating the sender, replays of the genuine datagrams it heard, and
-a flood of NACKs (forged, and correctly sealed ones asking for absurd blocks).
+but malformed (symbol 255, zero counts, lengths that disagree, unknown states), DATA for
+blocks past the image and ANNOUNCEs naming an unusable reply address, both impersonating
+the sender, replays of the genuine datagrams it heard, and a flood of NACKs (forged, and
+correctly sealed ones asking for absurd blocks).
 
 ``replayer`` (the sender's namespace): captures, with a raw socket, what receivers send
 the sender (STATUS, NACK, DONE) and sends each datagram twice more, from the receiver's
@@ -25,6 +26,7 @@ was sent, by kind) is one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import signal
@@ -121,6 +123,7 @@ class Attacker:
         self.sealer = Sealer(self.cipher, self.origin)  # an insider's own packets
         self.sent: dict[str, int] = {}
         self.learnt: dict[str, object] = {}
+        self.announce: Optional[tuple[wire.Announce, int]] = None  # the sender's, and flags
         self.wire = Wire()
         self.listener = self._listen()
         # Built now, while the test waits: (kind, target, frames), in the order they go
@@ -271,6 +274,7 @@ class Attacker:
             if isinstance(packet.body, wire.Announce):
                 self.learnt.update(origin=header.origin, port=packet.body.sender_port,
                                    host=packet.body.sender_host)
+                self.announce = (packet.body, header.flags)
             if isinstance(packet.body, wire.Data) and header.origin == self.learnt.get("origin"):
                 (newest,) = COUNTER.unpack_from(data, wire.HEADER_SIZE)
         self.learnt["heard"] = len(heard)
@@ -302,9 +306,11 @@ class Attacker:
 
     def _steal(self) -> None:
         """DATA as from the sender, sealed with the key, for blocks past the image or with
-        payloads of the wrong size: the receivers' own checks must drop them.  Their
-        counters run just ahead of the sender's newest, so they open; the genuine packets
-        whose counters they take are lost (and repaired), none is pushed out of the window.
+        payloads of the wrong size, and its ANNOUNCE naming a reply address no NACK can go
+        to (the broadcast address, an IPv6 host): the receivers' own checks must drop them.
+        Their counters run just ahead of the sender's newest, so they open; the genuine
+        packets whose counters they take are lost (and repaired), none is pushed out of the
+        window.
         """
         self.listener.setblocking(False)
         try:
@@ -321,13 +327,20 @@ class Attacker:
                 (newest,) = COUNTER.unpack_from(data, wire.HEADER_SIZE)
         origin = int(self.learnt["origin"])  # type: ignore[arg-type]
         symbol = self.spec.symbol_size
+        assert self.announce is not None  # heard before any DATA of the sender's
+        announce, flags = self.announce
         for i in range(1, STEAL_PACKETS + 1):
-            block, size = ((ABSURD_BLOCKS[i % 2], symbol) if i % 4
-                           else (i % self.block_count, symbol - 1))
-            plain = wire.encode_data_header(self.sid, origin, block, 0) + bytes(size)
+            if i % 10 == 0:
+                host = "255.255.255.255" if i % 20 else "::1"
+                plain = wire.encode(self.sid, origin, dataclasses.replace(
+                    announce, sender_host=host), wire.Flags(flags))
+            else:
+                block, size = ((ABSURD_BLOCKS[i % 2], symbol) if i % 4
+                               else (i % self.block_count, symbol - 1))
+                plain = wire.encode_data_header(self.sid, origin, block, 0) + bytes(size)
             counter = newest + i * STEAL_SPAN // STEAL_PACKETS
             sealed = Sealer(self.cipher, origin, first_counter=counter).seal(plain)
-            self._send("impersonated data", "group", self.wire.build(sealed, self.group))
+            self._send("impersonated", "group", self.wire.build(sealed, self.group))
 
     def _send(self, kind: str, target: str, frames: list[tuple[bytes, str]]) -> None:
         if time.monotonic() > self.deadline:

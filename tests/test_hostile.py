@@ -5,8 +5,9 @@ A sender and three receivers run the real command line in their namespaces, as i
 tests/test_rack.py; a fourth receiver slot runs no receiver but tests/hostile_agent.py,
 which sends at the group, at each receiver's unicast port and at the sender: another
 key, another session, unsealed forgeries, truncated and oversized datagrams, wrong
-versions and types, correctly sealed but malformed packets, DATA impersonating the
-sender for blocks past the image, replays of what it heard, and thousands of NACKs.
+versions and types, correctly sealed but malformed packets, DATA for blocks past the
+image and ANNOUNCEs naming a reply address no NACK can go to, both impersonating the
+sender, replays of what it heard, and thousands of NACKs.
 A second agent in the sender's namespace replays what the receivers send the sender.
 
 Every process must still exit 0 with the right SHA-256, write exactly the image, and
@@ -121,7 +122,7 @@ def test_transfer_survives_hostile_traffic(rack, tmp_path, image, record_propert
     assert attack["outcome"] == "done" and attack["send_errors"] == 0, attack
     first_done = min(transfer.peers[h].ended for h in hosts)
     assert attack["learnt"]["attack_to"] < first_done, attack
-    assert attack["sent"].get("impersonated data -> group") == 40, attack
+    assert attack["sent"].get("impersonated -> group") == 40, attack
     assert sum(n for k, n in attack["sent"].items() if k.startswith("flood")) >= 3000, attack
     assert replays["sent"].get("replayed -> sender", 0) >= 2, replays
 

@@ -22,6 +22,7 @@ is recorded with the input that raised it, so it can be replayed.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import random
 import struct
 import time
@@ -111,6 +112,18 @@ class Report:
         }
 
 
+class Unsendable(Exception):
+    """A receiver addressed a datagram where the socket driver's sendto must fail."""
+
+
+def _check_sendable(address: tuple) -> None:
+    """What the driver's IPv4 socket could send to: a unicast host, a real port."""
+    host = ipaddress.ip_address(address[0])
+    if (host.version != 4 or host.is_multicast or host.is_unspecified
+            or host == ipaddress.IPv4Address("255.255.255.255") or not 0 < address[1] < 65536):
+        raise Unsendable(f"a receiver sent to {address}")
+
+
 _REJECTIONS = ("invalid_packets", "foreign_packets", "unauthentic_packets", "replayed_packets")
 _RECEIVER_EXTRA = ("early_packets", "duplicate_packets")
 
@@ -172,7 +185,8 @@ class Pair:
                 self.copy[event.offset:event.offset + len(event.data)] = event.data
             elif isinstance(event, events.AllBlocksDecoded):
                 receiver.image_verified(hashlib.sha256(self.copy).digest(), now)
-        for data, _ in receiver.datagrams_to_send(now):
+        for data, address in receiver.datagrams_to_send(now):
+            _check_sendable(address)
             self.genuine.append(data)
             sender.receive_datagram(data, RECEIVER_ADDR, now)
         while sender.next_event() is not None:
@@ -420,6 +434,8 @@ class Fuzzer:
         elif ptype == wire.PacketType.STATUS:
             body = wire.Status.BODY.pack(rng.randrange(8), value(32), value(32), value(64),
                                          value(64), value(32), value(64), value(32))
+        elif ptype == wire.PacketType.ANNOUNCE and rng.random() < 0.5:
+            body = self._near_announce()
         elif ptype == wire.PacketType.ANNOUNCE:
             k = rng.choice((0, 1, BLOCK_SYMBOLS, 254, 255))
             symbol = rng.choice((0, 1, SYMBOL_SIZE, 65_479, 65_480, 65535))
@@ -437,6 +453,25 @@ class Fuzzer:
         else:  # END, which has no body: mostly given one, or receivers rarely live long
             body = rng.choice((b"", b"\0", b"\0", rng.randbytes(rng.randrange(1, 64))))
         return self._maybe_seal(self._header(ptype) + body)
+
+    def _near_announce(self) -> bytes:
+        """The sender's own ANNOUNCE body with one field odd: it passes every check that
+        compares it with the session, so the field itself must be checked."""
+        rng = self.rng
+        fields = [len(IMAGE), SYMBOL_SIZE, BLOCK_SYMBOLS, BLOCK_COUNT,
+                  rng.randrange(BLOCK_COUNT + 1), int(RATE_BPS), 10_000, 1, 1, IMAGE_SHA, 4,
+                  bytes([10, 0, 0, 1]).ljust(16, b"\0"), SENDER_ADDR[1],
+                  rng.getrandbits(40), rng.randrange(100_000)]
+        which = rng.choice((4, 5, 6, 7, 8, 10, 12, 13, 14))
+        if which == 10:  # the reply address: broadcast, a group, nobody, IPv6
+            fields[10], address = rng.choice(((4, b"\xff" * 4), (4, bytes([239, 1, 2, 3])),
+                                              (4, bytes([10, 0, 0, 255])), (4, bytes(4)),
+                                              (6, bytes(15) + b"\1"), (6, b"\xff" + bytes(15))))
+            fields[11] = address.ljust(16, b"\0")
+        else:
+            bits = {4: 32, 5: 64, 6: 32, 7: 32, 8: 32, 12: 16, 13: 64, 14: 32}[which]
+            fields[which] = rng.choice([v for v in _FIELD_VALUES if v < 1 << bits])
+        return wire.Announce.BODY.pack(*fields)
 
     def _maybe_seal(self, plain: bytes) -> tuple[bytes, str]:
         """Plain, or sealed with the session key by an insider, another key, or for

@@ -399,6 +399,26 @@ def test_nack_for_unsent_blocks_is_ignored() -> None:
     assert data_of(sent, repair=True) == [(0, 9), (0, 10)]
 
 
+def test_nack_or_status_for_blocks_past_the_image_is_invalid_and_adds_no_receiver() -> None:
+    # Found on the rack (tests/test_hostile.py): sealed NACKs for absurd blocks made their
+    # origin a receiver, which never reported done, so the sender failed the session.
+    image = random_image(5 * 512)
+    sender = make_sender(len(image), block_symbols=8, min_receivers=1)
+    sender.start(0.0)
+    count = sender.geometry.block_count
+    for body in (wire.Nack(((count, 1),)), wire.Nack(((0, 1), (2**32 - 1, 3))),
+                 wire.Status(wire.ReceiverState.RECEIVING, 0, count + 1, 0, 0, 0),
+                 wire.Status(wire.ReceiverState.RECEIVING, 2**32 - 1, 2**32 - 1, 0, 0, 0)):
+        sender.receive_datagram(reply(body, 0xBAD), ("10.0.0.66", 1), 0.0)
+    assert sender.stats.invalid_packets == 4
+    assert sender.receivers == {} and sender.state is SenderState.WAITING
+    assert sender.stats.nacks_received == 0
+    # What real receivers send still counts: before joining (no image yet) and after.
+    sender.receive_datagram(reply(status(), 1), ("10.0.0.1", 1), 0.0)
+    sender.receive_datagram(reply(wire.Nack(((count - 1, 1),)), 2), ("10.0.0.2", 1), 0.0)
+    assert set(sender.receivers) == {1, 2} and sender.stats.invalid_packets == 4
+
+
 def test_sender_finishes_when_every_receiver_is_done() -> None:
     image = random_image(3 * 256)
     checksum = hashlib.sha256(image).digest()
@@ -803,6 +823,21 @@ def test_nack_goes_to_the_source_address_when_the_sender_names_none() -> None:
     receiver.receive_datagram(source.announce(1), SOURCE_ADDR, 0.02)  # frontier via ANNOUNCE
     receiver.handle_timer(receiver.get_timer())
     assert nacks_in(sent_by(receiver, 1.0)) == [(wire.Nack(((0, 2),)), SOURCE_ADDR)]
+
+
+@pytest.mark.parametrize("host", ["255.255.255.255", "239.1.2.3", "::1"])
+def test_announce_naming_a_reply_address_no_datagram_can_reach_is_invalid(host: str) -> None:
+    # Found on the rack (tests/test_hostile.py): one sealed ANNOUNCE naming the broadcast
+    # address made every receiver's next STATUS fail with EACCES, ending its transfer.
+    source = Source(random_image(3 * 256))
+    receiver = joined(source)
+    unusable = Source(source.image, host=host)
+    receiver.receive_datagram(unusable.announce(), SOURCE_ADDR, 0.1)
+    assert receiver.stats.invalid_packets == 1
+    assert receiver.sender_address == ("10.0.0.9", 7000)
+    fresh = make_receiver()  # nor does anyone join on one
+    fresh.receive_datagram(unusable.announce(), SOURCE_ADDR, 0.0)
+    assert fresh.geometry is None and fresh.stats.invalid_packets == 1
 
 
 def test_nack_retries_back_off_up_to_the_cap() -> None:

@@ -99,9 +99,10 @@ class EventLoop:
                 self.send_socket.sendto(data, addr)
             except OSError as error:
                 # A full queue or an unreachable peer loses this datagram: the protocol
-                # treats it like any other loss.
+                # treats it like any other loss.  So does a (subnet) broadcast address
+                # the receiver cannot tell from a host's, named in a sealed ANNOUNCE.
                 if error.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED,
-                                       errno.EHOSTUNREACH, errno.ENETUNREACH):
+                                       errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES):
                     raise
                 self.send_errors += 1
         self._events(now)

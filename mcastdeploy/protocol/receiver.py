@@ -10,6 +10,7 @@ then does the receiver tell the sender it is done.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -59,6 +60,30 @@ class ReceiverConfig:
 _REPAIR_FLAG = int(wire.Flags.REPAIR)
 _HELD = 2  # _done: decoded, waiting for the manifest to vouch for it
 _DONE = 1
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _reply_address(announce: wire.Announce, source: Address) -> Optional[Address]:
+    """Where NACK/STATUS/DONE go for this ANNOUNCE, or None if no datagram can go there.
+
+    A group, the broadcast address or a host of the other IP family makes every send fail
+    in the driver (EACCES, EAFNOSUPPORT): one sealed ANNOUNCE naming one, from an insider,
+    ended every receiver on the rack.  Such an ANNOUNCE is malformed and ignored.
+    """
+    host = source[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return (host, announce.sender_port or source[1])  # a simulator's node name
+    try:
+        family = ipaddress.ip_address(source[0]).version
+    except ValueError:
+        family = address.version
+    if address.is_multicast or address.is_unspecified or address == _BROADCAST \
+            or address.version != family:
+        return None
+    return (host, announce.sender_port or source[1])
+
 _LOSS_PRIOR = 100  # a plain int: enum arithmetic per packet is slow
 
 
@@ -353,6 +378,10 @@ class Receiver:
 
     def _on_announce(self, header: wire.Header, announce: wire.Announce, addr: Address,
                      now: float) -> None:
+        reply = _reply_address(announce, addr)
+        if reply is None:
+            self.stats.invalid_packets += 1
+            return
         geometry = ImageGeometry(announce.image_size, announce.symbol_size,
                                  announce.block_symbols)
         checksum = announce.checksum if header.flags & wire.Flags.CHECKSUM_KNOWN else None
@@ -386,8 +415,7 @@ class Receiver:
             self._follow_new_sender(header.origin, now)
         self._last_heard = now
         self._echo = (announce.timestamp_us, now)
-        host = addr[0] if announce.sender_host in ("0.0.0.0", "::") else announce.sender_host
-        self.sender_address = (host, announce.sender_port or addr[1])
+        self.sender_address = reply
         self._proactive = announce.proactive_repair
         self._backlog_until = now + announce.backlog_us / 1e6
         if self._count_from is None:

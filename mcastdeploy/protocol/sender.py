@@ -252,6 +252,9 @@ class Sender:
             if header.origin != self.origin:
                 self.stats.foreign_packets += 1
             return
+        if not self._fits_image(body):
+            self.stats.invalid_packets += 1
+            return
         record = self._record(header.origin, addr, now)
         if isinstance(body, (wire.Nack, wire.Status)):
             self._rtt_echo(body.echo_us, body.hold_us, now)
@@ -417,6 +420,17 @@ class Sender:
         if previous is not None and previous != origin and previous in self.receivers:
             del self.receivers[previous]
             self.stats.receivers_restarted += 1
+
+    def _fits_image(self, body: wire.packets.Body) -> bool:
+        """False for a NACK or STATUS about blocks our image does not have: no receiver of
+        it sends one, so it is malformed, even if sealed with the key, and must not make
+        its origin a receiver we then wait for (it would never report done)."""
+        count = self.geometry.block_count
+        if isinstance(body, wire.Nack):
+            return all(block < count for block, _ in body.needs)
+        if isinstance(body, wire.Status):
+            return body.block_count in (0, count) and body.blocks_done <= count
+        return True
 
     def _record(self, origin: int, addr: Address, now: float) -> ReceiverRecord:
         record = self.receivers.get(origin)

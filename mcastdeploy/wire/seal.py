@@ -128,7 +128,10 @@ class ReplayWindow:
     def accept(self, counter: int) -> None:
         if counter > self.highest:
             shift = counter - self.highest
-            self._seen = ((self._seen << shift) | 1) & ((1 << WINDOW) - 1)
+            # A jump past the window forgets it: shifting by the jump itself would build
+            # an integer of up to 2^64 bits (MemoryError) for one crafted counter.
+            self._seen = 1 if shift >= WINDOW else (
+                ((self._seen << shift) | 1) & ((1 << WINDOW) - 1))
             self.highest = counter
         else:
             self._seen |= 1 << (self.highest - counter)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from helpers import write_random
 from rack_fixtures import rack, rack_bed  # noqa: F401  (fixtures)
-from test_rack import ENV, IMAGE_SIZE, LINK, Transfer, report
+from rack_transfer import ENV, IMAGE_SIZE, LINK, Transfer, report
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 AGENT = os.path.join(TESTS, "hostile_agent.py")

@@ -51,6 +51,7 @@ WINDOW = 1024
 _ORIGIN = struct.Struct("!I")
 #: The nonce: origin ‖ counter, the counter's 8 bytes also going into the datagram.
 _NONCE = struct.Struct("!IQ")
+_pack_nonce = _NONCE.pack
 _COUNTER_END = 2**64
 _HKDF_INFO = b"mcastdeploy v1 packet key"
 
@@ -103,9 +104,9 @@ class Sealer:
         if counter >= _COUNTER_END:
             raise OverflowError("packet counter exhausted; start a new session")
         self._counter = counter + 1
-        nonce = _NONCE.pack(self._origin, counter)
+        nonce = _pack_nonce(self._origin, counter)
         data = bytes(datagram)  # the very object if already bytes
-        head = data[:HEADER_SIZE] + nonce[_ORIGIN.size:]
+        head = data[:HEADER_SIZE] + nonce[4:]  # the counter
         if self._encrypt:
             return head + self._aead(nonce, data[HEADER_SIZE:] + payload, head)
         signed = head + data[HEADER_SIZE:] + payload

@@ -82,6 +82,9 @@ class ReceiverManifest:
         #: Chunks to ask for: index -> when we may ask next.
         self._wanted: dict[int, float] = {}
         self._asks: dict[int, int] = {}
+        #: min(_wanted.values()), kept because the receiver's get_timer asks after every
+        #: datagram; None when it must be recomputed.
+        self._earliest: Optional[float] = None
 
     @property
     def complete(self) -> bool:
@@ -108,7 +111,8 @@ class ReceiverManifest:
             return range(0)
         self._hashes[first:first + expected] = list(hashes)
         self._known_chunks += 1
-        self._wanted.pop(index, None)
+        if self._wanted.pop(index, None) is not None:
+            self._earliest = None
         self._asks.pop(index, None)
         return range(first, first + expected)
 
@@ -117,13 +121,17 @@ class ReceiverManifest:
         index = chunk_of(block)
         if self._hashes[index * CHUNK_BLOCKS] is None and index not in self._wanted:
             self._wanted[index] = now
+            if self._earliest is not None:
+                self._earliest = min(self._earliest, now)
 
     def want_all(self, now: float) -> None:
         for index in range(self.chunk_count):
             self.want(index * CHUNK_BLOCKS, now)
 
     def next_ask(self) -> Optional[float]:
-        return min(self._wanted.values()) if self._wanted else None
+        if self._earliest is None and self._wanted:
+            self._earliest = min(self._wanted.values())
+        return self._earliest if self._wanted else None
 
     def take_due(self, now: float, limit: int, retry: float) -> list[int]:
         """First blocks of up to ``limit`` chunks to ask for now; each is due again after
@@ -133,6 +141,8 @@ class ReceiverManifest:
             attempt = self._asks.get(index, 0)
             self._asks[index] = attempt + 1
             self._wanted[index] = now + retry * 2 ** min(attempt, 3)
+        if due:
+            self._earliest = None
         return [index * CHUNK_BLOCKS for index in due]
 
     def forget(self) -> None:
@@ -141,6 +151,7 @@ class ReceiverManifest:
         self._known_chunks = 0
         self._wanted.clear()
         self._asks.clear()
+        self._earliest = None
 
     def unknown_blocks(self) -> Iterator[int]:
         return (block for block, digest in enumerate(self._hashes) if digest is None)

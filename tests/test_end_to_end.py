@@ -94,3 +94,25 @@ def test_a_restarted_receiver_fetches_only_what_its_target_lacks(tmp_path, loopb
     assert kept["bytes_written"] <= size - kept["blocks_kept"] * block_bytes
     assert written["blocks_kept"] == 0 and written["bytes_written"] == size
     assert kept["blocks_rejected"] == written["blocks_rejected"] == 0
+
+
+def test_an_encrypted_session(tmp_path):
+    """``session new --encrypt``: the image crosses the wire encrypted and arrives intact."""
+    spec_path = tmp_path / "session.json"
+    code, _, err = finish(mcastdeploy("session", "new", "--interface", "lo", "--encrypt",
+                                      "-o", str(spec_path)))
+    assert code == 0, err
+    assert json.loads(spec_path.read_text())["encrypt"] is True
+    image = tmp_path / "image.raw"
+    size = 4 * 1024 * 1024 + 5
+    image_sha = write_random(image, size, seed=10)
+    target = tmp_path / "target.raw"
+    receiver = mcastdeploy("recv", "--session", str(spec_path), "--json", "--timeout", "30",
+                           str(target))
+    sender = mcastdeploy("send", "--session", str(spec_path), "--min-receivers", "1",
+                         "--wait", "30", "--json", str(image))
+    results = [finish(process, timeout=120) for process in (receiver, sender)]
+    for code, _, err in results:
+        assert code == 0, err
+    assert sha256_file(target) == image_sha
+    assert json.loads(results[0][1])["rejected"]["unauthentic"] == 0

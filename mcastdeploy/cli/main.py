@@ -165,6 +165,8 @@ def session() -> None:
                    "and loss, at least N.")
 @click.option("--image", "image", type=click.Path(dir_okay=False),
               help="Pin this image's size and SHA-256 in the spec.")
+@click.option("--encrypt", is_flag=True, default=None,
+              help="Encrypt the image on the wire, not only authenticate every packet.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the spec here (mode 0600) instead of printing it.")
 @_one_line_errors
@@ -172,8 +174,8 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                 rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
-                output: Optional[str]) -> None:
-    """Write a new session spec (JSON) with a fresh session id."""
+                encrypt: Optional[bool], output: Optional[str]) -> None:
+    """Write a new session spec (JSON) with a fresh session id and key."""
     if group is not None:
         check_group(group)
     if interface is not None:
@@ -187,7 +189,7 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        symbol_size=symbol_size, block_symbols=block_symbols,
                        proactive_mode=proactive_repair[0] if proactive_repair else None,
                        proactive_repair=proactive_repair[1] if proactive_repair else None,
-                       **pinned)
+                       encrypt=encrypt, **pinned)
     if output:
         spec.save(output)
     else:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import random
 
 #: STATUS per second the whole group may send the sender in steady state.  One STATUS is
-#: about 120 bytes on the wire (sealed) and about 7 us of the sender object's time: 1000/s is 0.7 Mbit/s
-#: and about 1 % of a core (plus the socket reads), beside the tens of thousands of
-#: packets/s it sends.  Groups up to 1000 keep the one-second interval; 10,000 receivers
+#: about 120 bytes on the wire (sealed) and some 10 us of the sender's time: 1000/s is
+#: 1 Mbit/s and about 1 % of a core (plus the socket reads), beside the tens of thousands
+#: of packets/s it sends.  Groups up to 1000 keep the one-second interval; 10,000 receivers
 #: report every 10 s.
 STATUS_BUDGET = 1000.0
 #: The early ramp (join repeats at 50, 100, 200 ms ...) keeps each wave of the group's

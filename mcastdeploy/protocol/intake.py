@@ -65,9 +65,11 @@ def admit(data: Union[bytes, memoryview], session_id: int, counters: IntakeCount
     if header.session_id != session_id:
         counters.foreign_packets += 1
         return None
-    if protection is not None:
+    if protection is None:
+        body: Union[bytes, memoryview] = memoryview(data)[wire.HEADER_SIZE:]
+    else:
         try:
-            data = protection.opener.open(data)
+            body = protection.opener.open_body(data)
         except ReplayError:
             counters.replayed_packets += 1
             return None
@@ -75,7 +77,7 @@ def admit(data: Union[bytes, memoryview], session_id: int, counters: IntakeCount
             counters.unauthentic_packets += 1
             return None
     try:
-        return wire.parse(data)
+        return wire.parse_body(header, body)
     except wire.WireError:
         counters.invalid_packets += 1
         return None

@@ -24,6 +24,7 @@ from mcastdeploy.wire.packets import (
     encode,
     encode_data_header,
     parse,
+    parse_body,
     parse_header,
 )
 
@@ -31,5 +32,5 @@ __all__ = [
     "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_MANIFEST_HASHES", "MAX_NACK_ENTRIES",
     "MAX_SYMBOL_ID", "Announce", "Data", "Done", "End", "Flags", "Header", "Manifest", "Nack", "Packet", "PacketType",
     "ReceiverState", "RepairNotice", "Status", "WireError", "encode", "encode_data_header", "parse",
-    "parse_header",
+    "parse_body", "parse_header",
 ]

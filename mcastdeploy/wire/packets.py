@@ -420,8 +420,13 @@ def parse_header(data: Union[bytes, memoryview]) -> Header:
 def parse(data: Union[bytes, memoryview]) -> Packet:
     """Parse one datagram; raises WireError, and only WireError, on anything malformed."""
     header = parse_header(data)
-    body = memoryview(data)[HEADER_SIZE:]
-    return Packet(header, _BODY_TYPES[header.type].from_body(body))
+    return parse_body(header, memoryview(data)[HEADER_SIZE:])
+
+
+def parse_body(header: Header, body: Union[bytes, memoryview]) -> Packet:
+    """The packet of an already parsed header and its body (a sealed datagram's body does
+    not follow its header: the counter lies between)."""
+    return Packet(header, _BODY_TYPES[header.type].from_body(memoryview(body)))
 
 
 def _unpack_exact(layout: struct.Struct, body: memoryview, name: str) -> tuple:

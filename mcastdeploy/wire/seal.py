@@ -48,10 +48,14 @@ TAG_BYTES = 16
 OVERHEAD = COUNTER.size + TAG_BYTES
 #: Counters this far below the highest seen from an origin are still accepted once.
 WINDOW = 1024
+_WINDOW_MASK = (1 << WINDOW) - 1
 _ORIGIN = struct.Struct("!I")
 #: The nonce: origin ‖ counter, the counter's 8 bytes also going into the datagram.
 _NONCE = struct.Struct("!IQ")
 _pack_nonce = _NONCE.pack
+#: Where the nonce (origin, then counter) and the body lie in a sealed datagram.
+_NONCE_AT = HEADER_SIZE - _ORIGIN.size
+_BODY_AT = HEADER_SIZE + COUNTER.size
 _COUNTER_END = 2**64
 _HKDF_INFO = b"mcastdeploy v1 packet key"
 
@@ -132,7 +136,7 @@ class ReplayWindow:
             # A jump past the window forgets it: shifting by the jump itself would build
             # an integer of up to 2^64 bits (MemoryError) for one crafted counter.
             self._seen = 1 if shift >= WINDOW else (
-                ((self._seen << shift) | 1) & ((1 << WINDOW) - 1))
+                ((self._seen << shift) | 1) & _WINDOW_MASK)
             self.highest = counter
         else:
             self._seen |= 1 << (self.highest - counter)
@@ -142,29 +146,33 @@ class Opener:
     """Checks what arrives: authentic, for this key, and not seen before."""
 
     def __init__(self, cipher: AESGCM, *, encrypt: bool = False) -> None:
-        self._cipher = cipher
+        self._aead_open = cipher.decrypt
         self._encrypt = encrypt
         self._windows: dict[int, ReplayWindow] = {}
 
     def open(self, datagram: Union[bytes, memoryview]) -> bytes:
         """The plain datagram (header and body) if authentic and fresh; else AuthError
-        (ReplayError if authentic but seen before).
+        (ReplayError if authentic but seen before)."""
+        return bytes(datagram[:HEADER_SIZE]) + self.open_body(datagram)
+
+    def open_body(self, datagram: Union[bytes, memoryview]) -> bytes:
+        """As ``open``, but only the body: for a caller that has parsed the header already.
 
         Only the header's fixed fields are read before the tag is checked.
         """
         if len(datagram) < HEADER_SIZE + OVERHEAD:
             raise AuthError("too short to be sealed")
+        # Once per packet received, on every receiver: the nonce is the header's origin
+        # and the counter after it, bytes 16..28 as they stand; nothing is copied twice.
         data = bytes(datagram)
-        head = data[:HEADER_SIZE + COUNTER.size]
-        origin = HEADER.unpack_from(data)[-1]
-        (counter,) = COUNTER.unpack_from(data, HEADER_SIZE)
-        nonce = _ORIGIN.pack(origin) + data[HEADER_SIZE:HEADER_SIZE + COUNTER.size]
+        nonce = data[_NONCE_AT:_BODY_AT]
+        origin, counter = _NONCE.unpack(nonce)
         try:
             if self._encrypt:
-                body = self._cipher.decrypt(nonce, data[len(head):], head)
+                body = self._aead_open(nonce, data[_BODY_AT:], data[:_BODY_AT])
             else:
-                body = data[len(head):-TAG_BYTES]
-                self._cipher.decrypt(nonce, data[-TAG_BYTES:], head + body)
+                self._aead_open(nonce, data[-TAG_BYTES:], memoryview(data)[:-TAG_BYTES])
+                body = data[_BODY_AT:-TAG_BYTES]
         except InvalidTag:
             raise AuthError("authentication failed") from None
         # Only now, so that a forgery is never counted as a replay.
@@ -174,4 +182,4 @@ class Opener:
         if window is None:
             window = self._windows[origin] = ReplayWindow()
         window.accept(counter)
-        return data[:HEADER_SIZE] + body
+        return body

@@ -70,3 +70,40 @@ def test_loop_device_smaller_than_the_image(tmp_path, loop_device):
     assert code == 2 and "smaller than the image" in err and "Traceback" not in err
     with open(device, "rb") as handle:
         assert handle.read() == b"\x5a" * (1024 * 1024)
+
+
+def write_sparse(path, size: int, data_every: int, block: int, seed: int) -> str:
+    """A sparse file: one block of random data every ``data_every`` blocks, holes between."""
+    rng = __import__("random").Random(seed)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        for offset in range(0, size, block * data_every):
+            handle.seek(offset)
+            handle.write(rng.randbytes(min(block, size - offset)))
+    return sha256_file(path)
+
+
+def test_a_sparse_image_onto_a_loop_device_that_held_garbage(tmp_path, loopback_spec,
+                                                             loop_device):
+    """Zero blocks are not sent; the receiver zeroes them on the device (BLKZEROOUT), so
+    the holes read back as zeros although the device held a pattern before."""
+    spec, spec_path = loopback_spec
+    block = spec.block_symbols * spec.symbol_size
+    size = 40 * block + 1234
+    image = tmp_path / "sparse.raw"
+    image_sha = write_sparse(image, size, data_every=10, block=block, seed=12)
+    device = loop_device(size + 4 * block, b"\xde\xad\xbe\xef")
+    receiver = mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
+                           device)
+    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "1",
+                         "--wait", "30", "--linger", "2", "--json", str(image))
+    code, out, err = finish(receiver, timeout=90)
+    send_code, send_out, send_err = finish(sender, timeout=90)
+    assert code == 0, err
+    assert send_code == 0, send_err
+    summary, sent = json.loads(out), json.loads(send_out)
+    assert summary["sha256"] == image_sha and sha256_file(device, size) == image_sha
+    assert summary["blocks_zero"] == 41 - 5  # blocks 0, 10, 20, 30 and the short 40 hold data
+    assert summary["bytes_written"] == 4 * block + 1234
+    # Five blocks of data (and their parity, the manifest, control) crossed the wire.
+    assert sent["bytes_sent"] < 0.15 * size

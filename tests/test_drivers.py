@@ -143,3 +143,45 @@ def test_check_group():
     for bad in ("10.1.1.1", "300.1.1.1", "lo"):
         with pytest.raises(NetworkError):
             check_group(bad)
+
+
+def test_target_zero_costs_nothing_on_a_new_file_and_punches_an_old_one(tmp_path):
+    fresh = tmp_path / "fresh.raw"
+    with Target(str(fresh), 3 * 4096) as target:
+        target.write(0, b"\x01" * 4096)
+        target.zero(4096, 4096)
+        target.write(8192, b"\x02" * 4096)
+        digest = target.finish()
+        assert target.bytes_zeroed == 0  # a hole already
+    expected = b"\x01" * 4096 + bytes(4096) + b"\x02" * 4096
+    assert fresh.read_bytes() == expected and digest == hashlib.sha256(expected).digest()
+
+    old = tmp_path / "old.raw"
+    old.write_bytes(b"\xff" * (3 * 4096 + 100))
+    with Target(str(old), 3 * 4096) as target:
+        target.zero(0, 8192 + 10)  # not page-aligned at its end
+        target.write(8192 + 10, b"\x03" * (4096 - 10))
+        digest = target.finish()
+        assert target.bytes_zeroed == 8192 + 10
+    data = old.read_bytes()
+    assert data[:8192 + 10] == bytes(8192 + 10)
+    assert data[3 * 4096:] == b"\xff" * 100  # past the image: untouched
+    assert digest == hashlib.sha256(data[:3 * 4096]).digest()
+
+
+def test_local_image_hashes_holes_without_reading_them(tmp_path):
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as handle:
+        handle.truncate(8 * 1024 * 1024)
+        handle.seek(5 * 1024 * 1024)
+        handle.write(b"data")
+    image = LocalImage(str(path))
+    try:
+        whole, blocks = image.digests(1024 * 1024)
+    finally:
+        image.close()
+    data = path.read_bytes()
+    assert whole == hashlib.sha256(data).digest()
+    assert blocks == [hashlib.sha256(data[i:i + 1024 * 1024]).digest()
+                      for i in range(0, len(data), 1024 * 1024)]
+    assert len(set(blocks)) == 2  # seven zero blocks share one hash

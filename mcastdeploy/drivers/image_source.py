@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -49,11 +50,28 @@ class LocalImage:
         """
         whole = hashlib.sha256()
         blocks: list[bytes] = []
+        zero_hashes: dict[int, bytes] = {}
         for offset in range(0, self.size, block_bytes):
-            data = self.read(offset, min(block_bytes, self.size - offset))
+            length = min(block_bytes, self.size - offset)
+            if self._in_hole(offset, length):  # sparse: no need to read what is zero
+                data = bytes(length)
+                digest = zero_hashes.get(length) or zero_hashes.setdefault(
+                    length, block_hash(data))
+            else:
+                data = self.read(offset, length)
+                digest = block_hash(data)
             whole.update(data)
-            blocks.append(block_hash(data))
+            blocks.append(digest)
         return whole.digest(), blocks
+
+    def _in_hole(self, offset: int, length: int) -> bool:
+        """The file has no data in [offset, offset + length) (SEEK_DATA, where supported)."""
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as error:  # ENXIO: no data after offset at all
+            return error.errno == errno.ENXIO
+        except AttributeError:
+            return False
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -49,6 +49,8 @@ class RecvSummary:
     #: Decoded blocks the manifest refused (fetched again), and blocks kept from the target.
     blocks_rejected: int
     blocks_kept: int
+    #: All-zero blocks, made zero on the target rather than received.
+    blocks_zero: int
     sha256: str
     #: Datagrams refused before parsing, by reason (protocol/intake.py).
     rejected: dict
@@ -126,6 +128,9 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         if isinstance(event, events.BlockDecoded):
             assert target is not None
             target.write(event.offset, event.data)
+        elif isinstance(event, events.BlockIsZero):
+            assert target is not None
+            target.zero(event.offset, event.length)
         elif isinstance(event, events.SessionJoined):
             size = event.geometry.image_size
             if spec.image_size is not None and size != spec.image_size:
@@ -174,6 +179,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         blocks_recovered=stats.blocks_recovered,
         blocks_rejected=stats.blocks_rejected,
         blocks_kept=stats.blocks_kept,
+        blocks_zero=stats.blocks_zero,
         sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
         rejected=rejected(stats),
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import stat
+import struct
 from typing import Optional
 
 from mcastdeploy.drivers.digest import OrderedDigest
@@ -50,6 +53,63 @@ def _check_size(path: str, info: os.stat_result, image_size: int) -> None:
                           f"({image_size} bytes)")
 
 
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
+_BLKSSZGET = 0x1268  # _IO(0x12, 104): its logical sector size
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(length: int) -> bytes:
+    """Shared zero bytes (a session has two block lengths: full and last)."""
+    zeros = _ZEROS.get(length)
+    if zeros is None:
+        zeros = _ZEROS[length] = bytes(length)
+    return zeros
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    step = 1 << 20
+    for start in range(offset, offset + length, step):
+        data = _zeros(min(step, offset + length - start))
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], start + done)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a regular file (it reads back as zeros); False if the file
+    system or platform cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+def _zero_device(fd: int, offset: int, length: int) -> None:
+    """BLKZEROOUT on the sector-aligned middle of the range, written zeros at its edges."""
+    try:
+        sector = struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+    except OSError:
+        sector = 0
+    start = -(-offset // sector) * sector if sector else offset
+    stop = (offset + length) // sector * sector if sector else offset
+    if sector and stop > start:
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", start, stop - start))
+        except OSError:
+            start = stop = offset
+    else:
+        start = stop = offset
+    if start > offset:
+        _write_zeros(fd, offset, start - offset)
+    if offset + length > stop:
+        _write_zeros(fd, max(stop, offset), offset + length - max(stop, offset))
+
+
 class Target:
     """An open target: ``write`` places blocks, ``finish`` syncs and returns the SHA-256.
 
@@ -71,14 +131,34 @@ class Target:
         except OSError as error:
             raise TargetError(f"cannot open target {path}: {error.strerror}") from None
         info = os.fstat(self._fd)
+        self._block_device = stat.S_ISBLK(info.st_mode)
+        #: Bytes from here on were holes when we opened the target: already zero.
+        self._zero_from = image_size if self._block_device else info.st_size
         if stat.S_ISREG(info.st_mode) and info.st_size < image_size:
             os.ftruncate(self._fd, image_size)
         self._digest = OrderedDigest(image_size, self._read)
         self.bytes_written = 0
+        self.bytes_zeroed = 0
 
     def read(self, offset: int, length: int) -> bytes:
         """What the target holds there now (a resuming receiver checks it)."""
         return self._read(offset, length)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` zero as cheaply as the target allows: nothing
+        where the file was a hole when opened, a punched hole in a regular file,
+        BLKZEROOUT on a block device, written zeros where neither works."""
+        if offset < 0 or offset + length > self.image_size:
+            raise ValueError("zeroing outside the image")
+        end = offset + length
+        if offset < self._zero_from:
+            upto = min(end, self._zero_from)
+            if self._block_device:
+                _zero_device(self._fd, offset, upto - offset)
+            elif not _punch_hole(self._fd, offset, upto - offset):
+                _write_zeros(self._fd, offset, upto - offset)
+            self.bytes_zeroed += upto - offset
+        self._digest.update_at(offset, _zeros(length))
 
     def keep(self, offset: int, data: bytes | memoryview) -> None:
         """``data``, just read from ``offset``, stays: count it in the image's digest as if

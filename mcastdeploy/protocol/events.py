@@ -63,6 +63,16 @@ class BlockDecoded:
 
 
 @dataclass(frozen=True)
+class BlockIsZero:
+    """Block ``block`` is all zeros (the manifest says so): make ``length`` bytes at
+    ``offset`` zero on the target, as cheaply as it allows; nothing will be received."""
+
+    block: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class HashesLearned:
     """The manifest now vouches for ``blocks``: a resuming driver may check the target."""
 
@@ -89,5 +99,5 @@ class TransferFailed:
 
 
 Event = Union[ReceiverJoined, ReceiverDone, TransferStarted, PassComplete, SessionEnded,
-              SessionJoined, BlockDecoded, HashesLearned, AllBlocksDecoded, TransferComplete,
-              TransferFailed]
+              SessionJoined, BlockDecoded, BlockIsZero, HashesLearned, AllBlocksDecoded,
+              TransferComplete, TransferFailed]

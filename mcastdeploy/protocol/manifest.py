@@ -6,6 +6,11 @@ disk, and which block it was is unknown.  With a hash per block a receiver check
 as it decodes it, writes only blocks that match, and fetches a failing one again; a
 restarted receiver checks what its target already holds and asks only for the rest.
 
+Zero blocks.  A block whose hash is the hash of that many zero bytes is all zeros: the
+sender leaves it out of the pass, and a receiver that learns its hash makes it zero on the
+target cheaply (a hole, BLKZEROOUT) instead of receiving it, so a sparse image puts only
+its data on the wire.  The manifest is what marks them; no other field is needed.
+
 The sender multicasts the manifest in MANIFEST packets of ``CHUNK_BLOCKS`` hashes, each
 chunk twice and ahead of its blocks (see ``chunks_before``), so that at 1 % loss about one
 receiver in 10,000 lacks a hash when its block decodes; it holds the block and asks for the
@@ -50,6 +55,28 @@ def chunks_before(block: int, chunk_count: int) -> list[int]:
     return wanted
 
 
+def chunks_due(previous: int, block: int, chunk_count: int) -> list[int]:
+    """Chunks to multicast when the pass moves from block ``previous`` (-1 before it
+    starts) to ``block``: ``chunks_before`` of every chunk boundary passed on the way, so
+    that a pass that skips zero blocks still sends every chunk, twice, ahead."""
+    first = (previous // CHUNK_BLOCKS + 1) * CHUNK_BLOCKS
+    due: list[int] = []
+    for boundary in range(first, block + 1, CHUNK_BLOCKS):
+        due.extend(chunks_before(boundary, chunk_count))
+    return due
+
+
+class ZeroHashes:
+    """The hashes of all-zero blocks of an image: full-size ones and the short last one."""
+
+    def __init__(self, block_bytes: int, last_length: int) -> None:
+        self.full = block_hash(bytes(block_bytes))
+        self.last = self.full if last_length == block_bytes else block_hash(bytes(last_length))
+
+    def matches(self, digest: Optional[bytes], last: bool) -> bool:
+        return digest is not None and digest == (self.last if last else self.full)
+
+
 class SenderManifest:
     """The sender's manifest: every block's hash, known before the pass starts."""
 
@@ -58,6 +85,13 @@ class SenderManifest:
             raise ValueError("block hashes are SHA-256 digests")
         self.hashes = list(hashes)
         self.chunk_count = -(-len(self.hashes) // CHUNK_BLOCKS)
+
+    def zero_blocks(self, block_bytes: int, last_length: int) -> bytearray:
+        """1 for every block that is all zeros, by its hash."""
+        zeros = ZeroHashes(block_bytes, last_length)
+        last = len(self.hashes) - 1
+        return bytearray(zeros.matches(digest, block == last)
+                         for block, digest in enumerate(self.hashes))
 
     def chunk(self, index: int) -> tuple[int, tuple[bytes, ...]]:
         """(first block, its hashes) of chunk ``index``."""
@@ -74,8 +108,9 @@ class SenderManifest:
 class ReceiverManifest:
     """The hashes a receiver has learned, and the chunks it must still ask for."""
 
-    def __init__(self, block_count: int) -> None:
+    def __init__(self, block_count: int, zeros: Optional[ZeroHashes] = None) -> None:
         self.block_count = block_count
+        self._zeros = zeros
         self._hashes: list[Optional[bytes]] = [None] * block_count
         self.chunk_count = -(-block_count // CHUNK_BLOCKS)
         self._known_chunks = 0
@@ -92,6 +127,11 @@ class ReceiverManifest:
 
     def hash_of(self, block: int) -> Optional[bytes]:
         return self._hashes[block]
+
+    def is_zero(self, block: int) -> bool:
+        """The manifest says ``block`` is all zeros (False while its hash is unknown)."""
+        return self._zeros is not None and self._zeros.matches(
+            self._hashes[block], block == self.block_count - 1)
 
     def check(self, block: int, data: bytes | memoryview) -> Optional[bool]:
         """True if ``data`` is block ``block``, False if not, None if its hash is unknown."""

@@ -23,7 +23,7 @@ from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
-from mcastdeploy.protocol.manifest import ReceiverManifest
+from mcastdeploy.protocol.manifest import ReceiverManifest, ZeroHashes
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
 
 Address = tuple
@@ -121,6 +121,7 @@ class ReceiverStats:
     blocks_recovered: int = 0  # blocks that needed the FEC decoder (a source symbol was lost)
     blocks_rejected: int = 0  # decoded blocks whose hash did not match the manifest
     blocks_kept: int = 0  # blocks the target already held, checked against the manifest
+    blocks_zero: int = 0  # all-zero blocks, zeroed by the driver instead of received
     manifest_requests: int = 0
 
 
@@ -160,6 +161,8 @@ class Receiver:
         self._done: bytearray = bytearray()
         self.manifest: Optional[ReceiverManifest] = None
         self._held: dict[int, _PartialBlock] = {}
+        #: Blocks the pass has left whose hash we lack: asked for before any symbols.
+        self._awaiting_hash: set[int] = set()
         self._nacks = NackScheduler(self._rng)
         self._timing: Optional[NackTiming] = None
         self._proactive = 0
@@ -398,7 +401,8 @@ class Receiver:
             self.geometry = geometry
             self._done = bytearray(geometry.block_count)
             if has_manifest:
-                self.manifest = ReceiverManifest(geometry.block_count)
+                self.manifest = ReceiverManifest(geometry.block_count, ZeroHashes(
+                    geometry.block_bytes, geometry.block_length(geometry.block_count - 1)))
                 if self.config.resume:
                     self.manifest.want_all(now)
             self.sender_id = header.origin
@@ -452,9 +456,16 @@ class Receiver:
         """Blocks below ``frontier`` were fully sent in the pass: what is missing is owed."""
         if frontier <= self._frontier:
             return
+        manifest = self.manifest
         for block in range(self._frontier, frontier):
             self._count_passed(block)
-            if not self._done[block]:
+            if self._done[block]:
+                continue
+            if manifest is not None and manifest.hash_of(block) is None:
+                # Perhaps a zero block the pass skipped: ask for its hash, not its symbols.
+                self._awaiting_hash.add(block)
+                manifest.want(block, now)
+            else:
                 self._nacks.add(block, now)
         self._frontier = frontier
         if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
@@ -523,6 +534,9 @@ class Receiver:
         got = self._pass_counts.pop(block, 0)
         if self._count_from is None or block < self._count_from or self.geometry is None:
             return
+        if not got and self.manifest is not None and (
+                self.manifest.hash_of(block) is None or self.manifest.is_zero(block)):
+            return  # a zero block the pass skipped, as far as we can tell: nothing was lost
         expected = self.geometry.symbols_in(block) + self._proactive
         self._pass_received += min(got, expected)
         self._pass_lost += max(0, expected - got)
@@ -605,8 +619,32 @@ class Receiver:
         if not learned:
             return
         self._events.append(events.HashesLearned(learned))
+        for block in learned:
+            if self.manifest.is_zero(block) and self._done[block] != _DONE:
+                self._zero_block(block, now)
+            elif block in self._awaiting_hash:
+                self._awaiting_hash.discard(block)
+                if not self._done[block]:
+                    self._nacks.add(block, now)
+        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
+            self._nacks.arm(now, self._timing)
         for block in [b for b in self._held if b in learned]:
             self._check_held(block, now)
+
+    def _zero_block(self, block: int, now: float) -> None:
+        """The manifest says ``block`` is all zeros: the driver zeroes it, nothing comes."""
+        geometry = self.geometry
+        assert geometry is not None
+        self._partial.pop(block, None)
+        self._held.pop(block, None)
+        self._awaiting_hash.discard(block)
+        self._nacks.discard(block)
+        self._done[block] = _DONE
+        self.blocks_done += 1
+        self.stats.blocks_zero += 1
+        self._events.append(events.BlockIsZero(block, geometry.offset(block),
+                                               geometry.block_length(block)))
+        self._after_block(now)
 
     def _ask_manifest(self, now: float) -> None:
         """Ask for the manifest chunks whose hashes we lack and need."""
@@ -635,6 +673,7 @@ class Receiver:
         for block in self._held:
             self._done[block] = 0
         self._held.clear()
+        self._awaiting_hash.clear()
         if self.manifest is not None:
             self.manifest.forget()
             if self.config.resume:

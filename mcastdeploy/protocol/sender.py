@@ -22,7 +22,7 @@ from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.pacing import TokenBucket
-from mcastdeploy.protocol.manifest import CHUNK_BLOCKS, SenderManifest, chunks_before
+from mcastdeploy.protocol.manifest import CHUNK_BLOCKS, SenderManifest, chunks_due
 from mcastdeploy.protocol.parity import ProactivePolicy
 from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
 from mcastdeploy.protocol.repair import RepairQueue
@@ -186,7 +186,14 @@ class Sender:
         #: Repair accepted since the last REPAIR_NOTICE went out: block -> symbols coming.
         self._notices: dict[int, int] = {}
         self._repair_credit = 0.0
-        self._pass_block = 0
+        #: 1 for all-zero blocks (by the manifest): never sent, receivers zero them.
+        geometry = self.geometry
+        self._zero = (manifest.zero_blocks(geometry.block_bytes,
+                                           geometry.block_length(geometry.block_count - 1))
+                      if manifest is not None else bytearray(geometry.block_count))
+        self._pass_block = self._skip_zero(0)
+        #: The pass position up to which manifest chunks have been queued (chunks_due).
+        self._manifest_through = -1
         self._pass_symbol = 0
         self._end_remaining = 0
         self._finished_at = 0.0
@@ -204,7 +211,7 @@ class Sender:
         if self.state is SenderState.FINISHED:
             return wanted
         if self.state in (SenderState.WAITING, SenderState.SENDING):
-            for block in (self._pass_block, self._pass_block + 1):
+            for block in (self._pass_block, self._skip_zero(self._pass_block + 1)):
                 if block < self.geometry.block_count and block not in self._cache:
                     wanted.append(block)
         head = self._repair.head()
@@ -491,6 +498,8 @@ class Sender:
             self._next_announce = now  # tell everyone at once that the pass begins
             self._pass_started_at = now
             self._events.append(events.TransferStarted(len(self.receivers)))
+            if self._pass_block >= self.geometry.block_count:  # nothing but zeros
+                self._complete_pass(now)
 
     def _all_done(self) -> bool:
         known = len(self.receivers)
@@ -625,8 +634,8 @@ class Sender:
     def _next_pass_symbol(self, now: float) -> bytes:
         block = self._pass_block
         symbol = self._pass_symbol
-        if symbol == 0 and self.manifest is not None:
-            self._queue_manifest(chunks_before(block, self.manifest.chunk_count))
+        if symbol == 0:
+            self._advance_manifest(block)
         array = self._cache[block]
         k = array.shape[0]
         if symbol < k:
@@ -641,15 +650,34 @@ class Sender:
         datagram = self._data_datagram(block, symbol, payload)
         self._pass_symbol += 1
         if self._pass_symbol >= self._pass_symbols(block):
-            self._pass_block += 1
+            self._pass_block = self._skip_zero(block + 1)
             self._pass_symbol = 0
             if self._pass_block >= self.geometry.block_count:
-                self.state = SenderState.REPAIRING
-                self._last_request = now
-                self._next_announce = now  # announce PASS_COMPLETE at once
-                self.stats.pass_seconds = now - self._pass_started_at
-                self._events.append(events.PassComplete())
+                self._complete_pass(now)
         return datagram
+
+    def _skip_zero(self, block: int) -> int:
+        """The first block from ``block`` on that the pass sends (zero blocks are not)."""
+        zero, count = self._zero, self.geometry.block_count
+        while block < count and zero[block]:
+            block += 1
+        return block
+
+    def _advance_manifest(self, block: int) -> None:
+        """Queue the manifest chunks due before the pass's first symbol of ``block``."""
+        if self.manifest is not None and block > self._manifest_through:
+            self._queue_manifest(chunks_due(self._manifest_through, block,
+                                            self.manifest.chunk_count))
+            self._manifest_through = block
+
+    def _complete_pass(self, now: float) -> None:
+        # Chunks of trailing zero blocks still go out: receivers learn them zero from it.
+        self._advance_manifest(self.geometry.block_count - 1)
+        self.state = SenderState.REPAIRING
+        self._last_request = now
+        self._next_announce = now  # announce PASS_COMPLETE at once
+        self.stats.pass_seconds = now - self._pass_started_at
+        self._events.append(events.PassComplete())
 
     def _next_repair(self, now: float) -> Optional[bytes]:
         if not self._ready_repair:

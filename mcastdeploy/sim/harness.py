@@ -331,6 +331,9 @@ class Simulation:
                            now: float) -> None:
         if isinstance(event, events.BlockDecoded):
             self._write_block(index, event)
+        elif isinstance(event, events.BlockIsZero):
+            self._write_block(index, events.BlockDecoded(event.block, event.offset,
+                                                         memoryview(bytes(event.length))))
         elif isinstance(event, events.AllBlocksDecoded):
             node.image_verified(self._image_digest(index), now)
             self._note_verified(index, node, now)

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import random
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/NAME as a module, run in this interpreter (it has no .py suffix, and tools/
+    is not a package).  Its re-exec into the project's .venv is for the command line: the
+    tests already run where mcastdeploy imports, so it is switched off while loading."""
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    import _venv
+    ensure = _venv.ensure
+    _venv.ensure = lambda: None
+    try:
+        loader = importlib.machinery.SourceFileLoader(f"{name}_tool",
+                                                      os.path.join(TOOLS, name))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    finally:
+        _venv.ensure = ensure
+    return module
 
 
 def write_random(path, size: int, seed: int = 0) -> str:

@@ -6,38 +6,15 @@ only checks that the tool runs both forms in all three modes and prints a sane t
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import os
-import sys
 from types import ModuleType
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(ROOT, "tools")
-
+from helpers import load_tool
 
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
-    """tools/bench_send as a module, run in this interpreter: its re-exec into the
-    project's .venv is for the command line, and the tests already run where
-    mcastdeploy imports."""
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    import _venv
-    ensure = _venv.ensure
-    _venv.ensure = lambda: None
-    try:
-        loader = importlib.machinery.SourceFileLoader("bench_send_tool",
-                                                      os.path.join(TOOLS, "bench_send"))
-        spec = importlib.util.spec_from_loader(loader.name, loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-    finally:
-        _venv.ensure = ensure
-    return module
+    return load_tool("bench_send")
 
 
 def test_table_has_every_form_and_mode_with_sane_numbers(tool, capsys) -> None:

@@ -8,17 +8,14 @@ the figures computed as documented, and the light verification catching a bad bl
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import math
-import os
 import random
 import statistics
-import sys
 from types import ModuleType
 
 import pytest
+from helpers import load_tool
 
 from mcastdeploy import wire
 from mcastdeploy.protocol import events
@@ -27,8 +24,6 @@ from mcastdeploy.protocol.sender import Sender, SenderConfig
 from mcastdeploy.sim import BurstLoss, LossModel, Simulation, experiment
 from mcastdeploy.sim.network import GroupLossModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(ROOT, "tools")
 
 SMALL = experiment.Scenario(receivers=50, size=300_000, loss=0.01, late_share=0.1,
                             symbol_size=64)
@@ -267,18 +262,8 @@ def test_group_loss_model_draws_the_documented_law() -> None:
 
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
-    """tools/simulate as a module (it has no .py suffix, and tools/ is not a package)."""
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    import _venv
-    if os.path.realpath(sys.prefix) != os.path.realpath(_venv.VENV):
-        pytest.skip("tools/simulate re-executes itself outside the project's virtualenv")
-    loader = importlib.machinery.SourceFileLoader("simulate_tool",
-                                                  os.path.join(TOOLS, "simulate"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    """tools/simulate as a module."""
+    return load_tool("simulate")
 
 
 SMALL_ARGS = ["--receivers", "30", "--size", "0.2", "--symbol-size", "64", "--loss", "0.01",

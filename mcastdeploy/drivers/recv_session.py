@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.target import Target, TargetError, check_target
 from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicast_socket,
                                      resolve_interface)
@@ -54,6 +55,8 @@ class RecvSummary:
     sha256: str
     #: Datagrams refused before parsing, by reason (protocol/intake.py).
     rejected: dict
+    #: Peak resident memory of the process, MB (None where /proc does not say).
+    peak_rss_mb: Optional[float]
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "recv"}
@@ -182,6 +185,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         blocks_zero=stats.blocks_zero,
         sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
         rejected=rejected(stats),
+        peak_rss_mb=peak_rss_mb(),
     )
 
 

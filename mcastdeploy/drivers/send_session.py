@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
+from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
@@ -53,6 +54,8 @@ class SendSummary:
     pass_bytes_sent: int
     #: Datagrams refused before parsing, by reason (protocol/intake.py).
     rejected: dict
+    #: Peak resident memory of the process, MB (None where /proc does not say).
+    peak_rss_mb: Optional[float]
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -147,7 +150,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
         receivers=known, receivers_done=done, sha256=checksum.hex(),
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
-        pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats))
+        pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
+        peak_rss_mb=peak_rss_mb())
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

@@ -40,8 +40,9 @@ class LocalImage:
             raise SourceError(f"image {self.path} shrank while being sent")
         return data
 
-    def digests(self, block_bytes: int) -> tuple[bytes, list[bytes]]:
-        """SHA-256 of the whole image and of each ``block_bytes`` block, in one read.
+    def digests(self, block_bytes: int) -> tuple[bytes, bytes]:
+        """SHA-256 of the whole image, and those of each ``block_bytes`` block one after
+        the other (32 bytes each), in one read.
 
         Knowing them before the first packet lets every ANNOUNCE carry the checksum, so a
         receiver whose spec pins another image refuses before writing a byte, a sender never
@@ -49,7 +50,7 @@ class LocalImage:
         (protocol/manifest.py) can go out ahead of the blocks it vouches for.
         """
         whole = hashlib.sha256()
-        blocks: list[bytes] = []
+        blocks = bytearray()
         zero_hashes: dict[int, bytes] = {}
         for offset in range(0, self.size, block_bytes):
             length = min(block_bytes, self.size - offset)
@@ -61,8 +62,8 @@ class LocalImage:
                 data = self.read(offset, length)
                 digest = block_hash(data)
             whole.update(data)
-            blocks.append(digest)
-        return whole.digest(), blocks
+            blocks += digest
+        return whole.digest(), bytes(blocks)
 
     def _in_hole(self, offset: int, length: int) -> bool:
         """The file has no data in [offset, offset + length) (SEEK_DATA, where supported)."""

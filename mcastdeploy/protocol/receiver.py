@@ -23,7 +23,7 @@ from mcastdeploy.fec import codec_for
 from mcastdeploy.protocol import events, reporting
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
-from mcastdeploy.protocol.manifest import ReceiverManifest, ZeroHashes
+from mcastdeploy.protocol.manifest import CHUNK_BLOCKS, ReceiverManifest, ZeroHashes
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
 
 Address = tuple
@@ -584,6 +584,8 @@ class Receiver:
         geometry = self.geometry
         assert geometry is not None
         self._done[block] = _DONE
+        if self.manifest is not None:
+            self.manifest.done(block)
         self.blocks_done += 1
         self._events.append(events.BlockDecoded(block, geometry.offset(block),
                                                 self._block_view(block, partial)))
@@ -604,6 +606,8 @@ class Receiver:
         self._held.pop(block, None)
         self._nacks.discard(block)
         self._done[block] = _DONE
+        if self.manifest is not None:
+            self.manifest.done(block)
         self.blocks_done += 1
         self.stats.blocks_kept += 1
         self._after_block(now)
@@ -630,6 +634,7 @@ class Receiver:
             self._nacks.arm(now, self._timing)
         for block in [b for b in self._held if b in learned]:
             self._check_held(block, now)
+        self.manifest.settle(learned.start // CHUNK_BLOCKS)
 
     def _zero_block(self, block: int, now: float) -> None:
         """The manifest says ``block`` is all zeros: the driver zeroes it, nothing comes."""
@@ -640,6 +645,8 @@ class Receiver:
         self._awaiting_hash.discard(block)
         self._nacks.discard(block)
         self._done[block] = _DONE
+        if self.manifest is not None:
+            self.manifest.done(block)
         self.blocks_done += 1
         self.stats.blocks_zero += 1
         self._events.append(events.BlockIsZero(block, geometry.offset(block),
@@ -675,7 +682,7 @@ class Receiver:
         self._held.clear()
         self._awaiting_hash.clear()
         if self.manifest is not None:
-            self.manifest.forget()
+            self.manifest.forget(self._done)
             if self.config.resume:
                 self.manifest.want_all(now)
         # Tell the new instance at once that we are here (it may be waiting for us), and

@@ -157,7 +157,7 @@ class Sender:
         self.stats = SenderStats()
         self.receivers: dict[int, ReceiverRecord] = {}
         self._origin_of_node: dict[int, int] = {}
-        if manifest is not None and len(manifest.hashes) != self.geometry.block_count:
+        if manifest is not None and manifest.block_count != self.geometry.block_count:
             raise ValueError("the manifest does not have one hash per block")
         self.manifest = manifest
         #: MANIFEST chunks to multicast next, ahead of data (copies and requests).

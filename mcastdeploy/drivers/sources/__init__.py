@@ -5,6 +5,8 @@
   behind the same interface.
 - ``fetch.py``: one object into one file, ranged over several connections, retried, failed
   over between copies, resumable, verified.
+- ``cache.py``: the rack head's cache of fetched images, with LRU eviction and locks so
+  that senders sharing a head fetch each image once.
 - ``retry.py``, ``errors.py``: the retry bounds, and what can go wrong.
 """
 
@@ -14,15 +16,17 @@ import re
 from typing import Sequence
 
 from mcastdeploy.drivers.image_source import SourceError
-from mcastdeploy.drivers.sources.errors import ChecksumMismatch, FetchError, ReadError
+from mcastdeploy.drivers.sources.cache import CachedImage, ImageCache
+from mcastdeploy.drivers.sources.errors import (CacheError, ChecksumMismatch, FetchError,
+                                                ReadError)
 from mcastdeploy.drivers.sources.fetch import DEFAULT_RANGE_BYTES, FetchResult, fetch
 from mcastdeploy.drivers.sources.http_reader import HttpRangeReader
 from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.drivers.sources.retry import RetryPolicy
 
-__all__ = ["ChecksumMismatch", "DEFAULT_RANGE_BYTES", "FetchError", "FetchResult",
-           "HttpRangeReader", "RangeReader", "ReadError", "RetryPolicy", "fetch", "is_remote",
-           "readers_for"]
+__all__ = ["CacheError", "CachedImage", "ChecksumMismatch", "DEFAULT_RANGE_BYTES",
+           "FetchError", "FetchResult", "HttpRangeReader", "ImageCache", "RangeReader",
+           "ReadError", "RetryPolicy", "fetch", "is_remote", "readers_for"]
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 

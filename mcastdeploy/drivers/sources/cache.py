@@ -118,7 +118,9 @@ class ImageCache:
                         "etag": result.etag, "fetched": time.time()}
                 self._write_meta(entry, meta)
                 _touch(image)
-                fcntl.flock(fd, fcntl.LOCK_SH)  # from fetching to using
+                # From fetching to using; not atomic, so an evictor may slip in between.
+                _flock_until(fd, fcntl.LOCK_SH, time.monotonic() + self.lock_timeout,
+                             f"{key} fetched but locked by another process for too long")
             except BaseException:
                 os.close(fd)
                 raise

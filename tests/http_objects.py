@@ -29,6 +29,7 @@ class ObjectServer:
         self.requests = 0
         self.bytes_served = 0
         self.served: list = []  # (start, end) of every body started
+        self._etags: dict = {}
         self._generation = 0  # requests from before reset_counts count no more
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -69,7 +70,10 @@ class ObjectServer:
             self.served = []
 
     def etag(self, path: str) -> str:
-        return '"%s"' % hashlib.md5(self.objects[path]).hexdigest()
+        data = self.objects[path]
+        if self._etags.get(path, (None,))[0] is not data:  # hashed once per object
+            self._etags[path] = (data, '"%s"' % hashlib.md5(data).hexdigest())
+        return self._etags[path][1]
 
     def _count_request(self) -> tuple:
         with self._lock:

@@ -1,4 +1,4 @@
-"""What can go wrong getting an image from elsewhere: one read of one copy, or the whole fetch."""
+"""What can go wrong getting an image from elsewhere: one read of one copy, or the fetch."""
 
 from __future__ import annotations
 

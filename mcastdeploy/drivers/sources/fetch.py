@@ -88,8 +88,9 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
     started = time.monotonic()
     expected = expected_sha256.lower() if expected_sha256 else None
     stop = threading.Event()
-    copies = _Copies(readers, retry or RetryPolicy(), expected is not None, rng or random.Random())
-    copies.attempt(lambda reader: None, "the image's size", stop)  # describes the first live copy
+    copies = _Copies(readers, retry or RetryPolicy(), expected is not None,
+                     rng or random.Random())
+    copies.attempt(lambda reader: None, "the image's size", stop)  # describes a live copy
     size, etag = copies.size, copies.etag
     assert size is not None
     if reserve is not None:

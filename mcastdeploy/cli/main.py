@@ -2,7 +2,8 @@
 
 Only argument handling and presentation live here; the work is in ``mcastdeploy.drivers``.
 Every expected failure ends in one line on stderr and a non-zero exit, never a traceback:
-exit 2 for bad input (spec, image, target, interface), 1 for a transfer that failed.
+exit 2 for bad input (spec, image, target, interface), 1 for a transfer that failed
+(an image that could not be fetched from its URL included).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mcastdeploy.cli.progress import MODES, ProgressDisplay
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_session import run_send
+from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote, readers_for
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
 from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
@@ -27,6 +29,7 @@ from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+DEFAULT_CACHE_DIR = "/var/cache/mcastdeploy"
 
 
 class CommandError(click.ClickException):
@@ -49,6 +52,8 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (SpecError, NetworkError, TargetError, SourceError) as error:
             raise CommandError(str(error)) from None
+        except FetchError as error:
+            raise CommandError(str(error), EXIT_FAILED) from None
         except KeyboardInterrupt:
             raise CommandError("interrupted", EXIT_INTERRUPTED) from None
         except OSError as error:
@@ -229,19 +234,48 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
               help="Start after this many seconds even if fewer receivers joined.")
 @click.option("--linger", type=click.FloatRange(0), default=5.0, show_default=True,
               help="After the pass, stop when nobody asked for repair this long.")
+@click.option("--copy", "copies", multiple=True, metavar="URL",
+              help="Another URL holding the same image as the IMAGE URL; repeat for more. "
+                   "One copy is chosen at random, the others serve if it fails.")
+@click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where images fetched from URLs are kept for the next session.")
+@click.option("--cache-limit", default="100G", show_default=True, metavar="SIZE",
+              help="Most bytes the cache may hold (K/M/G, binary units); least recently "
+                   "used images go first.")
+@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel connections fetching an image from a URL.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("image", type=click.Path(dir_okay=False))
 @_one_line_errors
 def send(session_path: str, min_receivers: int, wait: Optional[float], linger: float,
+         copies: tuple[str, ...], cache_dir: str, cache_limit: str, connections: int,
          group: Optional[str], port: Optional[int], interface: Optional[str],
          rate: Optional[RateSetting], as_json: bool, progress: str,
          image: str) -> None:
-    """Multicast IMAGE to every receiver of the session."""
+    """Multicast IMAGE to every receiver of the session.
+
+    IMAGE is a file, a block device, or an http(s):// URL. A URL is fetched into the cache
+    first (or found there: no network then) and sent from it; a session spec that pins
+    the image's SHA-256 makes the fetch verify it.
+    """
     spec = _load_spec(session_path, group, port, interface, rate)
-    _run_and_report("send", progress, as_json, functools.partial(
-        run_send, spec, image, min_receivers=min_receivers, wait=wait, linger=linger))
+    if not is_remote(image):
+        if copies:
+            raise CommandError("--copy needs IMAGE to be a URL")
+        _run_and_report("send", progress, as_json, functools.partial(
+            run_send, spec, image, min_receivers=min_receivers, wait=wait, linger=linger))
+        return
+    # The whole image is fetched before the first packet; multicasting the ranges already
+    # fetched while the rest arrives is a later step (docs/sources.rst).
+    readers = readers_for([image, *copies])
+    cache = ImageCache(cache_dir, _parse_size(cache_limit), connections=connections)
+    with cache.get_or_fetch(image, readers, spec.image_sha256) as cached:
+        _run_and_report("send", progress, as_json, functools.partial(
+            run_send, spec, cached.path, min_receivers=min_receivers, wait=wait,
+            linger=linger))
 
 
 @main.command()

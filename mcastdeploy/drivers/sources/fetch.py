@@ -1,0 +1,453 @@
+"""Pulling one object into a local file: byte ranges over several connections, retried,
+failed over between copies, resumable after a kill, and verified before it is named.
+
+The file is built as ``DEST.part``; a sidecar ``DEST.part.state`` records every range
+written, so a fetch killed at 80 % continues from there. Only a complete, verified file is
+renamed to ``DEST``: a file at ``DEST`` is always whole. The SHA-256 is computed in order
+while later ranges are still arriving (reading back ranges just written, from the page
+cache), so verifying costs no second pass over the image.
+
+Resuming trusts that bytes written before a kill reached the page cache, which survives the
+process but not a power cut; a known SHA-256 catches the latter at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
+
+from mcastdeploy.drivers.sources.errors import ChecksumMismatch, FetchError, ReadError
+from mcastdeploy.drivers.sources.reader import RangeReader
+from mcastdeploy.drivers.sources.retry import RetryPolicy
+
+__all__ = ["fetch", "FetchResult", "part_path", "state_path", "DEFAULT_RANGE_BYTES"]
+
+DEFAULT_RANGE_BYTES = 8 * 1024 * 1024
+_STATE_FORMAT = "mcastdeploy-fetch/1"
+_HASH_READ = 1024 * 1024
+
+T = TypeVar("T")
+
+
+def part_path(dest_path: str) -> str:
+    """Where the image is built until it is complete and verified."""
+    return dest_path + ".part"
+
+
+def state_path(dest_path: str) -> str:
+    """The sidecar recording which ranges of the ``.part`` file are written."""
+    return dest_path + ".part.state"
+
+
+@dataclass
+class FetchResult:
+    path: str
+    size: int
+    sha256: str
+    etag: Optional[str]
+    #: Received over the network by this run (a range retried counts twice).
+    bytes_fetched: int
+    ranges_fetched: int
+    #: Ranges a killed earlier run had written already.
+    ranges_resumed: int
+    #: Failed attempts, all copies together.
+    retries: int
+    #: Copies this run left: unusable, or failed over from.
+    copies_failed: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Stopped(Exception):
+    """Another connection failed for good; this one abandons its range."""
+
+
+def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 4,
+          range_bytes: int = DEFAULT_RANGE_BYTES, expected_sha256: Optional[str] = None,
+          retry: Optional[RetryPolicy] = None,
+          reserve: Optional[Callable[[int], None]] = None,
+          rng: Optional[random.Random] = None) -> FetchResult:
+    """Fetch the object that every reader in ``readers`` holds into ``dest_path``.
+
+    The readers are copies of the same bytes: one chosen at random serves first (so many
+    rack heads spread over the copies), the others in random order when it fails.
+    ``reserve(size)`` is called once the size is known and before any byte is written (the
+    cache makes room there; raising stops the fetch). Raises FetchError with a one-line
+    message when the fetch cannot complete; the ``.part`` file then stays for a later call
+    to resume, except after a checksum mismatch, where nothing is kept.
+    """
+    if connections < 1 or range_bytes < 1:
+        raise ValueError("connections and range_bytes must be positive")
+    started = time.monotonic()
+    expected = expected_sha256.lower() if expected_sha256 else None
+    stop = threading.Event()
+    copies = _Copies(readers, retry or RetryPolicy(), expected is not None,
+                     rng or random.Random())
+    copies.attempt(lambda reader: None, "the image's size", stop)  # describes a live copy
+    size, etag = copies.size, copies.etag
+    assert size is not None
+    if reserve is not None:
+        reserve(size)
+    count = -(-size // range_bytes)
+    part = part_path(dest_path)
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as error:
+        raise FetchError(f"cannot create {part}: {error.strerror}") from None
+    try:
+        header = {"format": _STATE_FORMAT, "size": size, "range_bytes": range_bytes,
+                  "etag": etag, "sha256": expected}
+        log = _RangeLog(state_path(dest_path))
+        done = log.resumable(header) if os.fstat(fd).st_size == size else set()
+        done = {index for index in done if index < count}
+        resumed = len(done)
+        try:
+            os.ftruncate(fd, size)
+            log.start(header, keep=bool(done))
+        except OSError as error:
+            raise FetchError(f"cannot prepare {part}: {error.strerror}") from None
+        transfer = _Transfer(fd, part, size, range_bytes, copies, log, done, stop)
+        digest = transfer.run(connections)
+        if expected is not None and digest != expected:
+            _remove(part, state_path(dest_path))
+            raise ChecksumMismatch(f"{copies.name} has SHA-256 {digest}, expected {expected}; "
+                                   "nothing was kept")
+        try:
+            if os.fstat(fd).st_size != size:
+                raise FetchError(f"{part} is not {size} bytes after the fetch")
+            os.fsync(fd)  # the whole file is on disk before its name says it is complete
+        except OSError as error:
+            raise FetchError(f"cannot write {part}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        os.replace(part, dest_path)
+        _sync_directory(dest_path)
+    except OSError as error:
+        raise FetchError(f"cannot rename {part} to {dest_path}: {error.strerror}") from None
+    _remove(state_path(dest_path))
+    return FetchResult(path=dest_path, size=size, sha256=digest, etag=etag,
+                       bytes_fetched=transfer.bytes_fetched,
+                       ranges_fetched=count - resumed, ranges_resumed=resumed,
+                       retries=copies.retries, copies_failed=copies.failed_names(),
+                       seconds=time.monotonic() - started)
+
+
+class _Copies:
+    """The copies in the order tried, their health, and the identity (size, ETag) that
+    every copy used must share so that ranges from two of them make one image."""
+
+    def __init__(self, readers: Sequence[RangeReader], policy: RetryPolicy,
+                 checksum_known: bool, rng: random.Random) -> None:
+        if not readers:
+            raise FetchError("no source given for the image")
+        self._readers = list(readers)
+        self._order = list(range(len(self._readers)))
+        rng.shuffle(self._order)
+        self.name = self._readers[self._order[0]].name
+        self._policy = policy
+        # With a SHA-256 to check at the end, copies may differ in ETag (two nginx servers
+        # holding the same file do); without one the ETag is all that proves them the same.
+        self._etag_must_match = not checksum_known
+        self._lock = threading.Lock()
+        self._describe_lock = threading.Lock()
+        self._described = [False] * len(self._readers)
+        self._failures = [0] * len(self._readers)
+        self._last_error: dict[int, str] = {}
+        self._dead: dict[int, str] = {}
+        self._left: list[int] = []
+        self.size: Optional[int] = None
+        self.etag: Optional[str] = None
+        self.retries = 0
+
+    def attempt(self, operation: Callable[[RangeReader], T], what: str,
+                stop: threading.Event) -> T:
+        """Run ``operation`` on the current copy until it succeeds, within the policy."""
+        attempts = 0
+        first_failure: Optional[float] = None
+        failed_here: set[int] = set()
+        limit = self._policy.attempts_per_copy * len(self._readers)
+        while True:
+            if stop.is_set():
+                raise _Stopped()
+            index = self._primary()
+            reader = self._readers[index]
+            try:
+                self._describe(index)
+                result = operation(reader)
+            except ReadError as error:
+                if error.permanent:
+                    self._kill(index, str(error))
+                    continue
+                attempts += 1
+                failed_here.add(index)
+                self._failed(index, error)
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if attempts >= limit or now - first_failure >= self._policy.give_up_after:
+                    raise FetchError(f"gave up on {what} after {attempts} attempts in "
+                                     f"{now - first_failure:.0f} s: {self._errors()}") from None
+                if self._primary() in failed_here:  # no fresh copy to move to: pause
+                    stop.wait(self._policy.delay(attempts))
+                continue
+            with self._lock:
+                self._failures[index] = 0
+            return result
+
+    def failed_names(self) -> list:
+        return [self._readers[index].name for index in self._left]
+
+    def _primary(self) -> int:
+        with self._lock:
+            for index in self._order:
+                if index not in self._dead:
+                    return index
+        what = "the image" if len(self._readers) == 1 else "any copy of the image"
+        raise FetchError(f"cannot fetch {what}: {self._errors()}")
+
+    def _describe(self, index: int) -> None:
+        if self._described[index]:
+            return
+        with self._describe_lock:
+            if self._described[index]:
+                return
+            reader = self._readers[index]
+            size, etag = reader.describe()
+            if size <= 0:
+                raise ReadError(f"{reader.name} is empty", permanent=True)
+            with self._lock:
+                if self.size is None:
+                    self.size, self.etag = size, etag
+                elif size != self.size:
+                    raise ReadError(f"{reader.name} is {size} bytes, another copy "
+                                    f"{self.size}: not the same image", permanent=True)
+                elif self._etag_must_match and etag and self.etag and etag != self.etag:
+                    raise ReadError(f"{reader.name} has ETag {etag}, another copy "
+                                    f"{self.etag}: not the same image", permanent=True)
+                self._described[index] = True
+
+    def _failed(self, index: int, error: ReadError) -> None:
+        """Count a failure; the copy that failed too often in a row (or cannot be reached
+        at all) goes to the back of the order, so every connection moves on together."""
+        with self._lock:
+            self.retries += 1
+            self._last_error[index] = str(error)
+            self._failures[index] += 1
+            live = [i for i in self._order if i not in self._dead]
+            if len(live) > 1 and live[0] == index and (
+                    error.unreachable
+                    or self._failures[index] >= self._policy.attempts_per_copy):
+                self._order.remove(index)
+                self._order.append(index)
+                self._failures[index] = 0
+                if index not in self._left:
+                    self._left.append(index)
+
+    def _kill(self, index: int, reason: str) -> None:
+        with self._lock:
+            self._dead[index] = reason
+            self._last_error[index] = reason
+            if index not in self._left:
+                self._left.append(index)
+
+    def _errors(self) -> str:
+        with self._lock:
+            return "; ".join(self._last_error[i] for i in self._order if i in self._last_error)
+
+
+class _RangeLog:
+    """The sidecar state file: a JSON header line naming the object, then the index of each
+    range written, one per line, appended as it completes. A line torn by a kill has no
+    newline and is ignored; the range it named is simply fetched again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def resumable(self, header: dict) -> set:
+        """The ranges an earlier run wrote, if it fetched this very object."""
+        try:
+            with open(self.path, encoding="ascii") as handle:
+                lines = handle.read().split("\n")
+            before = json.loads(lines[0])
+        except (OSError, ValueError, UnicodeDecodeError):
+            return set()
+        if not isinstance(before, dict) or any(
+                before.get(key) != header[key] for key in ("format", "size", "range_bytes")):
+            return set()
+        same_etag = header["etag"] is not None and before.get("etag") == header["etag"]
+        same_sum = header["sha256"] is not None and before.get("sha256") == header["sha256"]
+        if not (same_etag or same_sum):
+            return set()  # nothing proves the object unchanged since
+        return {int(line) for line in lines[1:-1] if line.isdigit()}
+
+    def start(self, header: dict, keep: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags if keep else flags | os.O_TRUNC, 0o644)
+        if not keep:
+            os.write(self._fd, (json.dumps(header, sort_keys=True) + "\n").encode("ascii"))
+
+    def record(self, index: int) -> None:
+        with self._lock:
+            os.write(self._fd, f"{index}\n".encode("ascii"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _Transfer:
+    """The ranges still missing, the connections fetching them, and the in-order digest."""
+
+    def __init__(self, fd: int, part: str, size: int, range_bytes: int, copies: _Copies,
+                 log: _RangeLog, done: set, stop: threading.Event) -> None:
+        self._fd = fd
+        self._part = part
+        self._size = size
+        self._range_bytes = range_bytes
+        self._count = -(-size // range_bytes)
+        self._copies = copies
+        self._log = log
+        self._done = set(done)
+        self._stop = stop
+        self._ready = threading.Condition()
+        self._errors: list[BaseException] = []
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        for index in range(self._count):
+            if index not in self._done:
+                self._pending.put(index)
+        self._counter = threading.Lock()
+        self.bytes_fetched = 0
+
+    def run(self, connections: int) -> str:
+        """Fetch every missing range; returns the SHA-256 (hex) of the whole file."""
+        workers = min(connections, max(1, self._count - len(self._done)))
+        digest = hashlib.sha256()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
+                for _ in range(workers):
+                    pool.submit(self._work)
+                try:
+                    self._digest_in_order(digest)
+                finally:
+                    self._stop.set()  # stops the connections if the digest ended early
+        finally:
+            self._log.close()
+        if self._errors:
+            raise self._errors[0]
+        if len(self._done) != self._count:
+            raise FetchError(f"the fetch of {self._copies.name} stopped before its end")
+        return digest.hexdigest()
+
+    def _range(self, index: int) -> tuple[int, int]:
+        start = index * self._range_bytes
+        return start, min(self._size, start + self._range_bytes)
+
+    def _digest_in_order(self, digest: "hashlib._Hash") -> None:
+        for index in range(self._count):
+            with self._ready:
+                while index not in self._done:
+                    if self._errors or self._stop.is_set():
+                        return
+                    self._ready.wait(0.5)
+            start, end = self._range(index)
+            for offset in range(start, end, _HASH_READ):
+                try:
+                    data = os.pread(self._fd, min(_HASH_READ, end - offset), offset)
+                except OSError as error:
+                    raise FetchError(f"cannot read back {self._part}: {error.strerror}") \
+                        from None
+                if not data:
+                    raise FetchError(f"{self._part} shrank while being fetched")
+                digest.update(data)
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    index = self._pending.get_nowait()
+                except queue.Empty:
+                    return
+                self._fetch_range(index)
+                self._log.record(index)
+                with self._ready:
+                    self._done.add(index)
+                    self._ready.notify_all()
+        except _Stopped:
+            pass
+        except OSError as error:  # the state file
+            self._fail(FetchError(f"cannot record progress in {self._log.path}: "
+                                  f"{error.strerror}"))
+        except BaseException as error:  # FetchError, or a bug: either way, stop everyone
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._ready:
+            self._errors.append(error)
+            self._ready.notify_all()
+        self._stop.set()
+
+    def _fetch_range(self, index: int) -> None:
+        start, end = self._range(index)
+        position = start  # a retry continues where the last attempt broke off
+
+        def into_file(reader: RangeReader) -> None:
+            nonlocal position
+            chunks = reader.read_range(position, end)
+            try:
+                for chunk in chunks:
+                    self._write(chunk, position)
+                    position += len(chunk)
+                    with self._counter:
+                        self.bytes_fetched += len(chunk)
+                    if self._stop.is_set():
+                        raise _Stopped()
+            finally:
+                _close(chunks)
+            if position != end:
+                raise ReadError(f"{reader.name}: bytes {start}-{end - 1} ended "
+                                f"{end - position} bytes short")
+
+        self._copies.attempt(into_file, f"bytes {start}-{end - 1}", self._stop)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.pwrite(self._fd, view, offset)
+            except OSError as error:
+                raise FetchError(f"cannot write {self._part}: {error.strerror}") from None
+            view = view[written:]
+            offset += written
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _sync_directory(path: str) -> None:
+    """Make a rename durable: the directory entry, not only the file, must reach disk."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,42 @@
+"""The one interface a place holding images offers the fetch: its size and identity, and
+byte ranges of it.
+
+HTTP(S) is the first implementation (http_reader.py); a Swift reader on python-swiftclient
+fits the same shape (``head_object`` for ``describe``, ``get_object`` with a Range header and
+``resp_chunk_size`` for ``read_range``), so the fetch and the cache never learn where bytes
+come from.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Protocol
+
+__all__ = ["RangeReader"]
+
+
+class RangeReader(Protocol):
+    """One copy of one object.
+
+    ``read_range`` is called from several threads at once (one per connection), so a reader
+    keeps per-thread connections. Every failure is a ``ReadError`` (errors.py) and every
+    wait is bounded by the reader's own timeout: the fetch's retry bounds rely on both.
+    """
+
+    #: Shown in messages: where the copy is, without credentials or signatures.
+    name: str
+
+    def describe(self) -> tuple[int, Optional[str]]:
+        """The object's size in bytes and its ETag (None when the server gives none).
+
+        Copies of one image must agree on both (the ETag only when no SHA-256 is known), and
+        a resumed fetch continues only if they have not changed since.
+        """
+        ...
+
+    def read_range(self, start: int, end: int) -> Iterator[bytes]:
+        """The bytes ``[start, end)`` as chunks, exactly ``end - start`` of them in all.
+
+        The fetch closes the iterator when it stops early, so a reader frees its connection
+        in a ``finally``. Fewer bytes than asked is a ``ReadError``, never a silent short read.
+        """
+        ...

@@ -228,12 +228,14 @@ def test_receiver_with_the_wrong_key_writes_nothing_and_says_why(tmp_path, image
 def test_port_in_use(loopback_spec, tmp_path):
     """Another program holds the session's port without sharing it."""
     import socket
-    spec, spec_path = loopback_spec
+    _, spec_path = loopback_spec
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        holder.bind(("0.0.0.0", spec.port))
+        holder.bind(("0.0.0.0", 0))  # a port nobody else here uses, held unshared
+        port = str(holder.getsockname()[1])
         target = tmp_path / "t.raw"
-        code, _, err = run("recv", "--session", spec_path, "--timeout", "1", str(target))
+        code, _, err = run("recv", "--session", spec_path, "--port", port, "--timeout", "1",
+                           str(target))
         assert_one_line_error(code, err, 2, "in use")
         assert not target.exists()
     finally:

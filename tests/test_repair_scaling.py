@@ -158,3 +158,16 @@ def test_simulated_group_learns_its_round_trip():
     assert not result.failures and all(copy == image for copy in result.images.values())
     assert sender.grtt.samples >= 4
     assert sender.grtt.value == pytest.approx(0.008, rel=0.3)  # 2 x 4 ms one way
+
+
+def test_nack_heap_does_not_keep_entries_of_blocks_long_done() -> None:
+    """A long transfer owes and completes many blocks: the heap's stale entries are swept
+    instead of growing with every block ever owed."""
+    scheduler = repair.NackScheduler(random.Random(1))
+    for block in range(10_000):
+        scheduler.add(block, float(block))
+        scheduler.discard(block)  # completed by repair before it was ever due
+    assert len(scheduler) == 0 and len(scheduler._heap) < 200
+    for block in range(5):
+        scheduler.add(block, 1.0)
+    assert scheduler.take_due(2.0, 10) == [0, 1, 2, 3, 4]

@@ -162,6 +162,10 @@ class NackScheduler:
         self._rng = rng
         self._heap: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}
+        #: Heap entries no longer in _due (done or rescheduled blocks), left for lazy
+        #: removal; the heap is rebuilt when they outnumber the live ones, so that a long
+        #: transfer's memory does not grow with every block ever owed.
+        self._stale = 0
         self._attempts: dict[int, int] = {}
         self.nack_at: float | None = None
         self._armed_for = 0.0
@@ -178,8 +182,16 @@ class NackScheduler:
             heapq.heappush(self._heap, (now, block))
 
     def discard(self, block: int) -> None:
-        self._due.pop(block, None)
+        if self._due.pop(block, None) is not None:
+            self._note_stale()
         self._attempts.pop(block, None)
+
+    def _note_stale(self) -> None:
+        self._stale += 1
+        if self._stale > 2 * len(self._due) + 64:
+            self._heap = [(due, block) for block, due in self._due.items()]
+            heapq.heapify(self._heap)
+            self._stale = 0
 
     def earliest_due(self) -> float | None:
         while self._heap:
@@ -187,6 +199,7 @@ class NackScheduler:
             if self._due.get(block) == due:
                 return due
             heapq.heappop(self._heap)  # stale entry: block done or rescheduled
+            self._stale = max(0, self._stale - 1)
         return None
 
     def arm(self, now: float, timing: NackTiming) -> None:
@@ -244,3 +257,4 @@ class NackScheduler:
     def _reschedule(self, block: int, due: float) -> None:
         self._due[block] = due
         heapq.heappush(self._heap, (due, block))
+        self._note_stale()  # the block's previous entry

@@ -1271,3 +1271,24 @@ def test_long_round_trips_do_not_end_the_session_under_a_lossy_receiver(seed: in
     assert all(data == image for data in result.images.values())
     assert sender.grtt.value > 1.0
     assert result.sender_events[-1].reason == "every receiver is done"
+
+
+def test_incomplete_blocks_are_bounded_in_memory() -> None:
+    """Past the budget, the incomplete block with fewest symbols is forgotten (and later
+    asked for whole): memory for repair stays flat however lossy the link and long the
+    image."""
+    image = random_image(40 * 256)  # 40 blocks of k = 4 x 64 B
+    source = Source(image, proactive=0)
+    receiver = joined(source, partial_budget=3 * 256)  # room for three blocks
+    for block in range(12):  # each block misses its last symbol
+        receive_block(receiver, source, block, 0.1, skip=(3,) if block % 2 else (2, 3))
+    assert len(receiver._partial) <= 3
+    assert receiver.stats.partials_dropped >= 9
+    # Those with fewest symbols (the even blocks, 2 of 4) went first.
+    assert all(receiver._partial[block].have == 3 for block in receiver._partial
+               if block < 11)
+    # A forgotten block is asked for whole.
+    receiver.receive_datagram(source.announce(12), SOURCE_ADDR, 0.2)
+    receiver.handle_timer(5.0)
+    needs = dict(n for body, _ in nacks_in(sent_by(receiver, 5.0)) for n in body.needs)
+    assert needs[0] >= 4  # all 4 symbols (padded for the loss it sees)

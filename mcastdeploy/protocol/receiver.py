@@ -50,6 +50,9 @@ class ReceiverConfig:
     #: Stable across this receiver's restarts (machine and target; see wire.Status):
     #: the sender then counts a restarted receiver once, not as a new one and a dead one.
     node_id: int = 0
+    #: Bytes of incomplete blocks held for repair at most; past it, the one with fewest
+    #: symbols is dropped and later asked for whole.  Keeps memory flat on lossy links.
+    partial_budget: int = 64 * 1024 * 1024
     #: Refuse a sender that multicasts no block manifest (the CLI always requires one).
     require_manifest: bool = False
     #: The target may already hold blocks (a restarted receiver): ask for the whole
@@ -122,6 +125,7 @@ class ReceiverStats:
     blocks_rejected: int = 0  # decoded blocks whose hash did not match the manifest
     blocks_kept: int = 0  # blocks the target already held, checked against the manifest
     blocks_zero: int = 0  # all-zero blocks, zeroed by the driver instead of received
+    partials_dropped: int = 0  # incomplete blocks forgotten to stay within partial_budget
     manifest_requests: int = 0
 
 
@@ -489,6 +493,8 @@ class Receiver:
             return
         partial = self._partial.get(block)
         if partial is None:
+            if len(self._partial) * geometry.block_bytes >= self.config.partial_budget:
+                self._drop_a_partial(block)
             partial = self._partial[block] = _PartialBlock(geometry.symbols_in(block),
                                                            geometry.symbol_size)
         k = partial.k
@@ -508,6 +514,20 @@ class Receiver:
             self._complete_block(block, partial, now)
         elif header.flags & _REPAIR_FLAG and self._timing is not None:
             self._nacks.progress(block, now, self._timing.retry_after(k - partial.have))
+
+    def _drop_a_partial(self, arriving: int) -> None:
+        """Memory for incomplete blocks is spent: forget the one that has least, among
+        those the pass has left (they are owed, and will be asked for whole).
+
+        Incomplete blocks wait in memory for repair, which comes mostly after the pass; on
+        a lossy link their number grows with the image, and memory must not.
+        """
+        candidates = [block for block in self._partial if block < self._frontier]
+        if not candidates:
+            return
+        victim = min(candidates, key=lambda block: self._partial[block].have)
+        del self._partial[victim]
+        self.stats.partials_dropped += 1
 
     def _on_repair_notice(self, notice: wire.RepairNotice, now: float) -> None:
         """Blocks whose repair, asked by someone, will cover our need need no NACK of ours."""

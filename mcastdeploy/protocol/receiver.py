@@ -603,13 +603,22 @@ class Receiver:
     def _hand_over(self, block: int, partial: _PartialBlock, now: float) -> None:
         geometry = self.geometry
         assert geometry is not None
+        self._mark_done(block)
+        self._events.append(events.BlockDecoded(block, geometry.offset(block),
+                                                self._block_view(block, partial)))
+        self._after_block(now)
+
+    def _mark_done(self, block: int) -> None:
+        """``block`` is on the target, whichever way it got there: forget what was held or
+        scheduled for it, and count it."""
+        self._partial.pop(block, None)
+        self._held.pop(block, None)
+        self._awaiting_hash.discard(block)
+        self._nacks.discard(block)
         self._done[block] = _DONE
         if self.manifest is not None:
             self.manifest.done(block)
         self.blocks_done += 1
-        self._events.append(events.BlockDecoded(block, geometry.offset(block),
-                                                self._block_view(block, partial)))
-        self._after_block(now)
 
     def needs_block(self, block: int) -> bool:
         """False once ``block`` has been handed over (or kept from the target)."""
@@ -622,13 +631,7 @@ class Receiver:
         if geometry is None or self.phase is not ReceiverPhase.RECEIVING \
                 or self._done[block] == _DONE:
             return
-        self._partial.pop(block, None)
-        self._held.pop(block, None)
-        self._nacks.discard(block)
-        self._done[block] = _DONE
-        if self.manifest is not None:
-            self.manifest.done(block)
-        self.blocks_done += 1
+        self._mark_done(block)
         self.stats.blocks_kept += 1
         self._after_block(now)
 
@@ -660,14 +663,7 @@ class Receiver:
         """The manifest says ``block`` is all zeros: the driver zeroes it, nothing comes."""
         geometry = self.geometry
         assert geometry is not None
-        self._partial.pop(block, None)
-        self._held.pop(block, None)
-        self._awaiting_hash.discard(block)
-        self._nacks.discard(block)
-        self._done[block] = _DONE
-        if self.manifest is not None:
-            self.manifest.done(block)
-        self.blocks_done += 1
+        self._mark_done(block)
         self.stats.blocks_zero += 1
         self._events.append(events.BlockIsZero(block, geometry.offset(block),
                                                geometry.block_length(block)))

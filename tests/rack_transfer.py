@@ -203,6 +203,16 @@ class Transfer:
         return summaries
 
 
+def assert_bed_dropped(bed, host: str, loss: float) -> None:
+    """The bed really dropped about ``loss`` % of what reached ``host`` (none at 0)."""
+    counted = bed.counters(host)
+    if not loss:
+        assert counted["loss"] == 0, (host, counted)
+        return
+    share = counted["loss"] / max(1, counted["seen"])
+    assert 0.5 * loss / 100 < share < 1.6 * loss / 100, (host, counted)
+
+
 def report(what: str, **numbers: Any) -> str:
     line = f"rack {what}: " + ", ".join(
         f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"

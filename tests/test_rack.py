@@ -18,7 +18,7 @@ import time
 import pytest
 from helpers import write_random
 from rack_fixtures import rack, rack_bed, rackbed  # noqa: F401  (fixtures)
-from rack_transfer import IMAGE_SIZE, LINK, Transfer, report
+from rack_transfer import IMAGE_SIZE, LINK, Transfer, assert_bed_dropped, report
 
 RECEIVERS = 8
 
@@ -44,12 +44,7 @@ def test_eight_receivers_with_random_loss(rack, tmp_path, image, loss, record_pr
     summaries = transfer.check(receivers_done=RECEIVERS)
 
     for host in hosts:
-        counted = bed.counters(host)
-        if loss:  # the bed really dropped about what it was told to
-            share = counted["loss"] / max(1, counted["seen"])
-            assert 0.5 * loss / 100 < share < 1.6 * loss / 100, (host, counted)
-        else:
-            assert counted["loss"] == 0
+        assert_bed_dropped(bed, host, loss)
     finish = [transfer.finished_after(h) for h in hosts]
     record_property("last_receiver_s", max(finish))
     report(f"{RECEIVERS} receivers at {loss:g} % loss", last_receiver_s=max(finish),

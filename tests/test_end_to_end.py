@@ -9,6 +9,23 @@ from helpers import finish, mcastdeploy, sha256_file, write_random
 IMAGE_SIZE = 64 * 1024 * 1024 + 4321  # not a whole number of blocks
 
 
+def transfer(spec_path, image, receivers: list[list[str]],
+             send_args: tuple[str, ...] = ()) -> list[dict]:
+    """One ``recv`` per argument list (its options, then its target) and a ``send`` of
+    ``image`` that waits for all of them; every process must exit 0.  Their JSON
+    summaries, the receivers' first."""
+    processes = [mcastdeploy("recv", "--session", str(spec_path), "--json", "--timeout", "30",
+                             *args) for args in receivers]
+    processes.append(mcastdeploy("send", "--session", str(spec_path), "--min-receivers",
+                                 str(len(receivers)), "--wait", "30", "--json", *send_args,
+                                 str(image)))
+    results = [finish(process, timeout=120) for process in processes]
+    for code, _, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    return [json.loads(out) for _, out, _ in results]
+
+
 def test_send_to_three_receivers(tmp_path, loopback_spec):
     _, spec_path = loopback_spec
     image = tmp_path / "image.raw"
@@ -17,16 +34,8 @@ def test_send_to_three_receivers(tmp_path, loopback_spec):
     # One target exists already, larger and full of garbage: only the image's bytes change.
     targets[2].write_bytes(b"\xa5" * (IMAGE_SIZE + 1000))
 
-    receivers = [mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
-                             str(target)) for target in targets]
-    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "3",
-                         "--wait", "30", "--linger", "5", "--json", str(image))
-    results = [finish(process, timeout=120) for process in receivers + [sender]]
-
-    for code, out, err in results:
-        assert code == 0, err
-        assert "Traceback" not in err
-    summaries = [json.loads(out) for _, out, _ in results]
+    summaries = transfer(spec_path, image, [[str(target)] for target in targets],
+                         ("--linger", "5"))
     for summary, target in zip(summaries[:3], targets):
         assert summary["ok"] is True
         assert summary["role"] == "recv"
@@ -50,16 +59,10 @@ def test_automatic_rate_on_loopback(tmp_path, loopback_spec):
     size = 24 * 1024 * 1024 + 99
     image_sha = write_random(image, size, seed=8)
     targets = [tmp_path / f"target{n}.raw" for n in range(2)]
-    receivers = [mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
-                             str(target)) for target in targets]
-    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "2",
-                         "--rate", "auto:200M", "--wait", "30", "--json", str(image))
-    results = [finish(process, timeout=120) for process in receivers + [sender]]
-    for code, _, err in results:
-        assert code == 0, err
+    summary = transfer(spec_path, image, [[str(target)] for target in targets],
+                       ("--rate", "auto:200M"))[-1]
     for target in targets:
         assert sha256_file(target, size) == image_sha
-    summary = json.loads(results[-1][1])
     # Loopback loses nothing: the rate only probed upward from an eighth of the ceiling.
     assert 25_000_000 < summary["rate_bps"] <= 200_000_000
 
@@ -76,17 +79,7 @@ def test_a_restarted_receiver_fetches_only_what_its_target_lacks(tmp_path, loopb
     resumed, fresh = tmp_path / "resumed.raw", tmp_path / "fresh.raw"
     resumed.write_bytes(data[:half] + bytes(b ^ 0xFF for b in data[half:half + 4096])
                         + data[half + 4096:][::-1])
-    receivers = [
-        mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30", "--resume",
-                    str(resumed)),
-        mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30", str(fresh)),
-    ]
-    sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "2",
-                         "--wait", "30", "--json", str(image))
-    results = [finish(process, timeout=120) for process in receivers + [sender]]
-    for code, _, err in results:
-        assert code == 0, err
-    kept, written = (json.loads(out) for _, out, _ in results[:2])
+    kept, written, _ = transfer(spec_path, image, [["--resume", str(resumed)], [str(fresh)]])
     assert sha256_file(resumed) == sha256_file(fresh) == image_sha
     assert kept["sha256"] == written["sha256"] == image_sha
     block_bytes = spec.block_symbols * spec.symbol_size
@@ -110,12 +103,6 @@ def test_an_encrypted_session(tmp_path):
     size = 4 * 1024 * 1024 + 5
     image_sha = write_random(image, size, seed=10)
     target = tmp_path / "target.raw"
-    receiver = mcastdeploy("recv", "--session", str(spec_path), "--json", "--timeout", "30",
-                           str(target))
-    sender = mcastdeploy("send", "--session", str(spec_path), "--min-receivers", "1",
-                         "--wait", "30", "--json", str(image))
-    results = [finish(process, timeout=120) for process in (receiver, sender)]
-    for code, _, err in results:
-        assert code == 0, err
+    received, _ = transfer(spec_path, image, [[str(target)]])
     assert sha256_file(target) == image_sha
-    assert json.loads(results[0][1])["rejected"]["unauthentic"] == 0
+    assert received["rejected"]["unauthentic"] == 0

@@ -1,10 +1,10 @@
-"""A real OpenStack Swift on 127.0.0.1 for the source tests (docs: /work/shared/notes/swift-local.md).
+"""A real OpenStack Swift on 127.0.0.1 for the source tests.
 
 memcached, one-replica rings built with ``swift-ring-builder``, and the account, container,
-object and proxy servers (tempauth, SLO, DLO), each its own process in the foreground so that
-it is stopped by its PID. Every server logs (syslog over UDP on 127.0.0.1) to a socket this module reads, so the
-proxy's access log (bytes it sent per request, from its proxy-logging middleware) is Swift's own
-count of what a reader took, independent of our counters.
+object and proxy servers (tempauth, SLO, DLO), each its own process in the foreground so
+that it is stopped by its PID. Every server logs (syslog over UDP on 127.0.0.1) to a socket
+this module reads, so the proxy's access log (bytes it sent per request, from its
+proxy-logging middleware) is Swift's own count of what a reader took, not ours.
 """
 
 from __future__ import annotations

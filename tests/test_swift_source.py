@@ -58,7 +58,8 @@ def _upload_dlo(swift: LocalSwift, name: str, data: bytes, segment: int) -> None
 
 
 @pytest.mark.parametrize("kind", ["plain", "slo", "dlo"])
-def test_objects_and_large_objects_are_fetched_whole(kind, local_swift, tmp_path):  # noqa: F811
+def test_objects_and_large_objects_are_fetched_whole(kind, local_swift,  # noqa: F811
+                                                      tmp_path):
     size = 5 * MIB + 12345
     data = payload(size, seed={"plain": 11, "slo": 12, "dlo": 13}[kind])
     name = f"fetch-{kind}.raw"

@@ -53,7 +53,8 @@ class SwiftAuth:
     def from_env(cls, environ: Mapping[str, str]) -> "SwiftAuth":
         """Raises ValueError, naming the variables, when none of the ways is configured."""
         get = lambda name: environ.get(name) or None  # noqa: E731 (empty means unset)
-        cacert, insecure = get("OS_CACERT"), (get("SWIFTCLIENT_INSECURE") or "") in ("1", "true")
+        cacert = get("OS_CACERT")
+        insecure = (get("SWIFTCLIENT_INSECURE") or "").lower() in ("1", "true")
         if get("ST_AUTH"):
             if not (get("ST_USER") and get("ST_KEY")):
                 raise ValueError("ST_AUTH is set but ST_USER or ST_KEY is not")

@@ -140,22 +140,23 @@ class LocalSwift:
         return found
 
     def bytes_sent_for(self, container: str, obj: str, after: int = 0,
-                       settle: float = 2.0) -> int:
+                       at_least: int = 0, wait: float = 10.0) -> int:
         """Bytes the proxy sent clients for GETs of one object, counting access lines from
         index ``after`` on. The proxy logs a request once its body is out, which can be just
-        after the client has it: waits (bounded) until the count stops changing."""
+        after the client has it: waits (at most ``wait`` s) for ``at_least`` bytes, then
+        until the count stays put for 0.5 s, so that a surplus shows too."""
         suffix = f"/{container}/{obj}"
-        deadline = time.monotonic() + settle
+        deadline = time.monotonic() + wait
         last = -1
         while True:
             lines = self.access_lines()[after:]
             total = sum(line.bytes_sent for line in lines
                         if line.method == "GET" and line.source == "-"
                         and line.path.split("?")[0].endswith(suffix))
-            if total == last or time.monotonic() >= deadline:
+            if (total >= at_least and total == last) or time.monotonic() >= deadline:
                 return total
             last = total
-            time.sleep(0.3)
+            time.sleep(0.5)
 
     def log_text(self) -> str:
         with self._lines_lock:
@@ -306,6 +307,9 @@ def swift_missing() -> Optional[str]:
 def local_swift() -> Iterator[LocalSwift]:
     """One Swift per test module: starting it costs a few seconds."""
     reason = swift_missing()
+    if reason and os.environ.get("CI"):
+        # CI runs tools/bootstrap, which installs both: missing there is a broken setup.
+        pytest.fail(f"no local Swift in CI: {reason}")
     if reason:
         pytest.skip(f"no local Swift: {reason}")
     with LocalSwift() as swift:

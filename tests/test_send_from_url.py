@@ -65,7 +65,7 @@ def test_bad_sources_are_bad_input(tmp_path, loopback_spec):
     image.write_bytes(b"x" * 1000)
     for args, fragment in ((["--copy", "http://127.0.0.1:9/img", str(image)],
                             "--copy needs IMAGE to be a URL"),
-                           (["ftp://127.0.0.1/img"], "only http:// and https://")):
+                           (["ftp://127.0.0.1/img"], "only http://, https:// and swift://")):
         code, _, err = finish(mcastdeploy("send", "--session", loopback_spec[1],
                                           "--cache-dir", str(tmp_path / "cache"), *args))
         assert_one_line_error(code, err, 2, fragment)

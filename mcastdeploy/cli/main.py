@@ -235,8 +235,9 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
 @click.option("--linger", type=click.FloatRange(0), default=5.0, show_default=True,
               help="After the pass, stop when nobody asked for repair this long.")
 @click.option("--copy", "copies", multiple=True, metavar="URL",
-              help="Another URL holding the same image as the IMAGE URL; repeat for more. "
-                   "One copy is chosen at random, the others serve if it fails.")
+              help="Another URL (http, https, swift) holding the same image as the IMAGE "
+                   "URL; repeat for more. One copy is chosen at random, the others serve "
+                   "if it fails.")
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True,
               type=click.Path(file_okay=False),
               help="Where images fetched from URLs are kept for the next session.")
@@ -257,9 +258,10 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
          image: str) -> None:
     """Multicast IMAGE to every receiver of the session.
 
-    IMAGE is a file, a block device, or an http(s):// URL. A URL is fetched into the cache
-    first (or found there: no network then) and sent from it; a session spec that pins
-    the image's SHA-256 makes the fetch verify it.
+    IMAGE is a file, a block device, an http(s):// URL, or swift://CONTAINER/OBJECT (with
+    ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is fetched into
+    the cache first (or found there: no network then) and sent from it; a session spec that
+    pins the image's SHA-256 makes the fetch verify it.
     """
     spec = _load_spec(session_path, group, port, interface, rate)
     if not is_remote(image):

@@ -1,8 +1,8 @@
 """Images that are not on the rack head yet: where they are, pulling them, keeping them.
 
 - ``reader.py``: the ``RangeReader`` interface a place holding images offers (size, ETag,
-  byte ranges); ``http_reader.py`` implements it for http(s):// URLs. Swift comes next,
-  behind the same interface.
+  byte ranges); ``http_reader.py`` implements it for http(s):// URLs, ``swift_reader.py``
+  for swift://CONTAINER/OBJECT; ``readers_for`` picks one by the URL's scheme.
 - ``fetch.py``: one object into one file, ranged over several connections, retried, failed
   over between copies, resumable, verified.
 - ``cache.py``: the rack head's cache of fetched images, with LRU eviction and locks so
@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.sources.cache import CachedImage, ImageCache
@@ -36,17 +36,26 @@ def is_remote(image: str) -> bool:
     return _URL.match(image) is not None
 
 
-def readers_for(urls: Sequence[str], *, timeout: float = 30.0) -> list:
-    """One reader per URL, all copies of one image. Raises SourceError (bad input) for a
-    URL no reader understands."""
+def readers_for(urls: Sequence[str], *, timeout: float = 30.0,
+                environ: Optional[Mapping[str, str]] = None) -> list:
+    """One reader per URL, all copies of one image (schemes may be mixed: a Swift object and
+    an HTTP mirror of it). Raises SourceError (bad input) for a URL no reader understands,
+    or a swift:// URL without credentials in ``environ`` (the process's by default)."""
     readers: list[RangeReader] = []
     for url in urls:
         scheme = url.split("://", 1)[0].lower()
-        if scheme not in ("http", "https"):
-            raise SourceError(f"cannot read image {url}: only http:// and https:// URLs are "
-                              "supported")
         try:
-            readers.append(HttpRangeReader(url, timeout))
+            if scheme in ("http", "https"):
+                readers.append(HttpRangeReader(url, timeout))
+            elif scheme == "swift":
+                # Imported here: swiftclient (and requests) only for those who use Swift.
+                from mcastdeploy.drivers.sources.swift_reader import SwiftRangeReader
+                readers.append(SwiftRangeReader(url, timeout, environ=environ))
+            else:
+                raise ValueError("only http://, https:// and swift:// URLs are supported")
         except ValueError as error:
             raise SourceError(f"cannot read image {url}: {error}") from None
+        except ImportError as error:
+            raise SourceError(f"cannot read image {url}: {error.name} is not installed "
+                              "(pip install python-swiftclient)") from None
     return readers

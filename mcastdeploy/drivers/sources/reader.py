@@ -1,10 +1,9 @@
 """The one interface a place holding images offers the fetch: its size and identity, and
 byte ranges of it.
 
-HTTP(S) is the first implementation (http_reader.py); a Swift reader on python-swiftclient
-fits the same shape (``head_object`` for ``describe``, ``get_object`` with a Range header and
-``resp_chunk_size`` for ``read_range``), so the fetch and the cache never learn where bytes
-come from.
+HTTP(S) (http_reader.py) and Swift (swift_reader.py: ``head_object`` for ``describe``,
+``get_object`` with a Range header and ``resp_chunk_size`` for ``read_range``) implement it,
+so the fetch and the cache never learn where bytes come from.
 """
 
 from __future__ import annotations

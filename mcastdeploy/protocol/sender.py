@@ -367,9 +367,9 @@ class Sender:
                 if datagram is None:
                     break
                 out.append((datagram, group))
-        self._count(out)
+        sent = self._count(out)
         if in_pass:
-            self.stats.pass_bytes_sent += sum(len(datagram) for datagram, _ in out)
+            self.stats.pass_bytes_sent += sent
         return out
 
     def next_event(self) -> Optional[events.Event]:
@@ -415,9 +415,12 @@ class Sender:
             self.grtt.sample(now - echo_us / 1e6 - hold_us / 1e6)
             self._repair.holdoff = self._holdoff()
 
-    def _count(self, out: list[tuple[bytes, Address]]) -> None:
+    def _count(self, out: list[tuple[bytes, Address]]) -> int:
+        """Count what leaves; its bytes."""
+        sent = sum(len(datagram) for datagram, _ in out)
         self.stats.packets_sent += len(out)
-        self.stats.bytes_sent += sum(len(datagram) for datagram, _ in out)
+        self.stats.bytes_sent += sent
+        return sent
 
     def _same_node(self, node: int, origin: int) -> None:
         """``origin`` reports for ``node``: if another origin did before, that receiver

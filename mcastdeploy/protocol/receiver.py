@@ -494,7 +494,7 @@ class Receiver:
         partial = self._partial.get(block)
         if partial is None:
             if len(self._partial) * geometry.block_bytes >= self.config.partial_budget:
-                self._drop_a_partial(block)
+                self._drop_a_partial()
             partial = self._partial[block] = _PartialBlock(geometry.symbols_in(block),
                                                            geometry.symbol_size)
         k = partial.k
@@ -515,7 +515,7 @@ class Receiver:
         elif header.flags & _REPAIR_FLAG and self._timing is not None:
             self._nacks.progress(block, now, self._timing.retry_after(k - partial.have))
 
-    def _drop_a_partial(self, arriving: int) -> None:
+    def _drop_a_partial(self) -> None:
         """Memory for incomplete blocks is spent: forget the one that has least, among
         those the pass has left (they are owed, and will be asked for whole).
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from helpers import sha256_file
+from http_objects import ObjectServer
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.sources import qcow2
 from mcastdeploy.spec import SessionSpec, SpecError
@@ -74,6 +75,31 @@ def test_qcow2_is_converted_once_and_lands_raw(tmp_path, loopback_spec):
     second = transfer(spec_path, image, [[str(tmp_path / "target2")]], send_args)
     (again,) = cached_raw_images(cache)
     assert again.inode() == inode  # not converted again
+    for summaries, target in ((first, "target1"), (second, "target2")):
+        assert [s["sha256"] for s in summaries] == [raw_sha, raw_sha]
+        assert (tmp_path / target).read_bytes() == raw.read_bytes()
+
+
+def test_a_qcow2_url_is_fetched_and_converted_once(tmp_path, loopback_spec):
+    """A URL's qcow2 is fetched (its pinned SHA-256 verified), converted beside it in the
+    cache, and the second send neither fetches nor converts."""
+    spec, spec_path = loopback_spec
+    raw = tmp_path / "disk.raw"
+    raw_sha = sparse_raw(raw)
+    image = tmp_path / "disk.qcow2"
+    make_qcow2(raw, image)
+    SessionSpec.load(spec_path).replace(image_format="qcow2",
+                                        image_sha256=sha256_file(image)).save(spec_path)
+    cache = tmp_path / "cache"
+    send_args = ("--linger", "1", "--cache-dir", str(cache))
+    with ObjectServer({"/img": image.read_bytes()}) as server:
+        first = transfer(spec_path, server.url(), [[str(tmp_path / "target1")]], send_args)
+        images = {entry.name: entry.inode() for entry in cached_raw_images(cache)}
+        assert len(images) == 2  # the qcow2 as fetched, and its raw conversion
+        served = server.bytes_served
+        second = transfer(spec_path, server.url(), [[str(tmp_path / "target2")]], send_args)
+        assert server.bytes_served == served  # no network the second time
+    assert {entry.name: entry.inode() for entry in cached_raw_images(cache)} == images
     for summaries, target in ((first, "target1"), (second, "target2")):
         assert [s["sha256"] for s in summaries] == [raw_sha, raw_sha]
         assert (tmp_path / target).read_bytes() == raw.read_bytes()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from mcastdeploy.drivers.sources.errors import CacheError
 from mcastdeploy.drivers.sources.fetch import FetchResult, fetch, part_path, state_path
+from mcastdeploy.drivers.sources.qcow2 import check, convert_to_raw, virtual_size
 from mcastdeploy.drivers.sources.reader import RangeReader
 
 __all__ = ["ImageCache", "CachedImage"]
@@ -110,8 +111,6 @@ class ImageCache:
         """A held raw copy of the qcow2 image ``source``, converted once per ``key`` (which
         must name the source's content: a cache entry's id, or a local file's path, size
         and mtime). Same locks as a fetch, so two senders never convert one image twice."""
-        from mcastdeploy.drivers.sources.qcow2 import check, convert_to_raw, virtual_size
-
         entry = self.entry_id("raw-of:" + key, None)
 
         def make(image: str, reserve: Callable[[int], None]) -> tuple[dict, Any]:

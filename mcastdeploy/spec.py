@@ -20,6 +20,8 @@ from mcastdeploy.wire.seal import OVERHEAD as SEAL_OVERHEAD
 from mcastdeploy.wire.seal import new_key
 
 SPEC_VERSION = 1
+#: What a spec's image pins may describe (SessionSpec.image_format).
+IMAGE_FORMATS = ("raw", "qcow2")
 DEFAULT_PORT = 6790
 DEFAULT_RATE_BPS = 500_000_000
 DEFAULT_SYMBOL_SIZE = 1400
@@ -101,6 +103,10 @@ class SessionSpec:
     #: Pinned by the operator (or Ironic's image checksum): receivers refuse anything else.
     image_sha256: Optional[str] = None
     image_size: Optional[int] = None
+    #: What the pins describe: "raw" (the bytes that land on disk, checked by sender and
+    #: receivers) or "qcow2" (the qcow2 file as stored, as Ironic's checksum is; the sender
+    #: checks it before converting, receivers check the raw image the sender announces).
+    image_format: str = "raw"
     #: Encrypt payloads too, not only authenticate them (images with secrets in them).
     encrypt: bool = False
     version: int = SPEC_VERSION
@@ -119,6 +125,16 @@ class SessionSpec:
     @property
     def image_checksum(self) -> Optional[bytes]:
         return bytes.fromhex(self.image_sha256) if self.image_sha256 else None
+
+    @property
+    def disk_checksum(self) -> Optional[bytes]:
+        """The pinned SHA-256 of the bytes that land on disk, if the pin is of those."""
+        return self.image_checksum if self.image_format == "raw" else None
+
+    @property
+    def disk_size(self) -> Optional[int]:
+        """The pinned size of the bytes that land on disk, if the pin is of those."""
+        return self.image_size if self.image_format == "raw" else None
 
     def replace(self, **changes: Any) -> "SessionSpec":
         """A copy with ``changes`` applied (None values are ignored: unset CLI options)."""
@@ -224,5 +240,8 @@ def _validate(spec: SessionSpec) -> None:
             not isinstance(spec.image_sha256, str)
             or not re.fullmatch(r"[0-9a-f]{64}", spec.image_sha256)):
         raise SpecError("session spec field 'image_sha256' must be 64 lowercase hex digits")
+    if spec.image_format not in IMAGE_FORMATS:
+        raise SpecError("session spec field 'image_format' must be one of "
+                        f"{', '.join(IMAGE_FORMATS)}")
     if spec.image_size is not None:
         _check_int("image_size", spec.image_size, 1, 2 ** 63 - 1)

@@ -21,6 +21,7 @@ from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_session import run_send
 from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote, readers_for
+from mcastdeploy.drivers.sources.qcow2 import is_qcow2, sendable
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
 from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
@@ -188,6 +189,8 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
     pinned: dict[str, Any] = {}
     if image is not None:
         pinned = dict(zip(("image_size", "image_sha256"), _measure(image)))
+        if is_qcow2(image):  # the pins are the qcow2's; receivers get its raw conversion
+            pinned["image_format"] = "qcow2"
     mode, bps = rate or (None, None)
     spec = new_session(group=group, port=port, interface=interface, rate_bps=bps,
                        rate_mode=mode, ttl=ttl,
@@ -240,7 +243,8 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
                    "if it fails.")
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True,
               type=click.Path(file_okay=False),
-              help="Where images fetched from URLs are kept for the next session.")
+              help="Where images fetched from URLs, and raw conversions of qcow2 images, "
+                   "are kept for the next session.")
 @click.option("--cache-limit", default="100G", show_default=True, metavar="SIZE",
               help="Most bytes the cache may hold (K/M/G, binary units); least recently "
                    "used images go first.")
@@ -261,23 +265,30 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
     IMAGE is a file, a block device, an http(s):// URL, or swift://CONTAINER/OBJECT (with
     ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is fetched into
     the cache first (or found there: no network then) and sent from it; a session spec that
-    pins the image's SHA-256 makes the fetch verify it.
+    pins the image's SHA-256 makes the fetch verify it. A qcow2 image is converted to raw
+    in the cache once (qemu-img) and sent raw.
     """
     spec = _load_spec(session_path, group, port, interface, rate)
+    cache = ImageCache(cache_dir, _parse_size(cache_limit), connections=connections)
     if not is_remote(image):
         if copies:
             raise CommandError("--copy needs IMAGE to be a URL")
-        _run_and_report("send", progress, as_json, functools.partial(
-            run_send, spec, image, min_receivers=min_receivers, wait=wait, linger=linger))
+        # A qcow2 file is converted to raw in the cache once; a raw one is sent as it is.
+        with sendable(image, spec, cache) as path:
+            _run_and_report("send", progress, as_json, functools.partial(
+                run_send, spec, path, min_receivers=min_receivers, wait=wait,
+                linger=linger))
         return
     # The whole image is fetched before the first packet; multicasting the ranges already
     # fetched while the rest arrives is a later step (docs/sources.rst).
     readers = readers_for([image, *copies])
-    cache = ImageCache(cache_dir, _parse_size(cache_limit), connections=connections)
     with cache.get_or_fetch(image, readers, spec.image_sha256) as cached:
-        _run_and_report("send", progress, as_json, functools.partial(
-            run_send, spec, cached.path, min_receivers=min_receivers, wait=wait,
-            linger=linger))
+        entry = cache.entry_id(image, spec.image_sha256)
+        with sendable(cached.path, spec, cache, key="cache:" + entry,
+                      sha256_verified=spec.image_sha256 is not None) as path:
+            _run_and_report("send", progress, as_json, functools.partial(
+                run_send, spec, path, min_receivers=min_receivers, wait=wait,
+                linger=linger))
 
 
 @main.command()

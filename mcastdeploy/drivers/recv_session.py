@@ -70,7 +70,7 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
     """
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
-    check_target(target_path, spec.image_size)
+    check_target(target_path, spec.disk_size)
     group_sock = open_group_socket(spec.group, spec.port, interface)
     try:
         unicast_sock = open_unicast_socket(interface)
@@ -115,7 +115,7 @@ def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
 def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
          unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
-                                       expected_checksum=spec.image_checksum,
+                                       expected_checksum=spec.disk_checksum,
                                        timeout=timeout, key=spec.key_bytes,
                                        encrypt=spec.encrypt, require_manifest=True,
                                        resume=resume,
@@ -136,9 +136,9 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
             target.zero(event.offset, event.length)
         elif isinstance(event, events.SessionJoined):
             size = event.geometry.image_size
-            if spec.image_size is not None and size != spec.image_size:
+            if spec.disk_size is not None and size != spec.disk_size:
                 raise TargetError(f"the sender's image is {size} bytes, the session spec "
-                                  f"says {spec.image_size}")
+                                  f"says {spec.disk_size}")
             target = Target(target_path, size)
         elif isinstance(event, events.HashesLearned) and resume:
             assert target is not None

@@ -72,12 +72,12 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
     interface = resolve_interface(spec.interface)
     image = LocalImage(image_path)
     try:
-        if spec.image_size is not None and spec.image_size != image.size:
+        if spec.disk_size is not None and spec.disk_size != image.size:
             raise SourceError(f"image {image_path} is {image.size} bytes, the session spec "
-                              f"says {spec.image_size}")
+                              f"says {spec.disk_size}")
         geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
         checksum, block_hashes = image.digests(geometry.block_bytes)
-        if spec.image_checksum is not None and checksum != spec.image_checksum:
+        if spec.disk_checksum is not None and checksum != spec.disk_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
         sock = open_sender_socket(interface, spec.ttl)
         try:

@@ -3,7 +3,8 @@
 One directory; each entry is named by a digest of the image's identity (its URL or object
 name) and its SHA-256 when known, so a new checksum for the same name is a new entry:
 
-- ``ID.img``: the complete, verified image (it only appears by rename at the end of a fetch)
+- ``ID.img``: the complete, verified image (it only appears by rename at the end of a fetch);
+  or the raw conversion of a qcow2 image (``get_or_convert``), an entry of its own
 - ``ID.img.part``, ``ID.img.part.state``: a fetch in progress, or a killed one to resume
 - ``ID.json``: what the entry is, for people and for the ``CachedImage`` it returns
 - ``ID.lock``: flock(2) on it: shared while a sender uses the image, exclusive while one
@@ -24,10 +25,11 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mcastdeploy.drivers.sources.errors import CacheError
 from mcastdeploy.drivers.sources.fetch import FetchResult, fetch, part_path, state_path
+from mcastdeploy.drivers.sources.qcow2 import check, convert_to_raw, virtual_size
 from mcastdeploy.drivers.sources.reader import RangeReader
 
 __all__ = ["ImageCache", "CachedImage"]
@@ -45,7 +47,7 @@ class CachedImage:
         self.key: str = meta.get("key", "")
         self.size: Optional[int] = meta.get("size")
         self.sha256: Optional[str] = meta.get("sha256")
-        #: How it was fetched by this call; None for a cache hit.
+        #: How it was fetched by this call; None for a cache hit or a conversion.
         self.fetched = fetched
         self._lock_fd = lock_fd
 
@@ -95,8 +97,38 @@ class ImageCache:
         A hit touches no network. A miss waits (bounded) for another sender fetching the
         same image, else fetches it itself, resuming a killed fetch's ``.part``.
         """
-        self._ensure_directory()
         entry = self.entry_id(key, expected_sha256)
+
+        def make(image: str, reserve: Callable[[int], None]) -> tuple[dict, Any]:
+            result = fetch(readers, image, expected_sha256=expected_sha256,
+                           reserve=reserve, **self._fetch_options)
+            return {"key": key, "size": result.size, "sha256": result.sha256,
+                    "etag": result.etag, "fetched": time.time()}, result
+
+        return self._get_or_make(entry, key, make)
+
+    def get_or_convert(self, key: str, source: str) -> CachedImage:
+        """A held raw copy of the qcow2 image ``source``, converted once per ``key`` (which
+        must name the source's content: a cache entry's id, or a local file's path, size
+        and mtime). Same locks as a fetch, so two senders never convert one image twice."""
+        entry = self.entry_id("raw-of:" + key, None)
+
+        def make(image: str, reserve: Callable[[int], None]) -> tuple[dict, Any]:
+            check(source)
+            size = virtual_size(source)
+            reserve(size)
+            convert_to_raw(source, part_path(image), image)
+            return {"key": "raw-of:" + key, "size": size, "sha256": None,
+                    "converted_from": source, "converted": time.time()}, None
+
+        return self._get_or_make(entry, key, make)
+
+    def _get_or_make(self, entry: str, key: str,
+                     make: Callable[[str, Callable[[int], None]], tuple[dict, Any]]
+                     ) -> CachedImage:
+        """The held entry's image; if missing, ``make(image_path, reserve)`` creates it
+        (atomically, by rename) under the entry's exclusive lock and returns (meta, how)."""
+        self._ensure_directory()
         image = os.path.join(self.directory, entry + ".img")
         lock = os.path.join(self.directory, entry + ".lock")
         deadline = time.monotonic() + self.lock_timeout
@@ -107,20 +139,17 @@ class ImageCache:
                 return CachedImage(image, fd, self._meta(entry), None)
             os.close(fd)
             fd = self._open_locked(lock, fcntl.LOCK_EX, deadline, key)
-            if os.path.exists(image):  # another sender fetched it while we waited
+            if os.path.exists(image):  # another sender made it while we waited
                 os.close(fd)
                 continue
             try:
-                result = fetch(readers, image, expected_sha256=expected_sha256,
-                               reserve=lambda size: self._reserve(entry, size, deadline),
-                               **self._fetch_options)
-                meta = {"key": key, "size": result.size, "sha256": result.sha256,
-                        "etag": result.etag, "fetched": time.time()}
+                meta, result = make(image,
+                                    lambda size: self._reserve(entry, size, deadline))
                 self._write_meta(entry, meta)
                 _touch(image)
-                # From fetching to using; not atomic, so an evictor may slip in between.
+                # From making to using; not atomic, so an evictor may slip in between.
                 _flock_until(fd, fcntl.LOCK_SH, time.monotonic() + self.lock_timeout,
-                             f"{key} fetched but locked by another process for too long")
+                             f"{key} made but locked by another process for too long")
             except BaseException:
                 os.close(fd)
                 raise

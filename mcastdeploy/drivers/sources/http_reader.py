@@ -18,12 +18,12 @@ import urllib.parse
 from typing import Iterator, Mapping, Optional
 
 from mcastdeploy.drivers.sources.errors import ReadError
+from mcastdeploy.drivers.sources.reader import read_exactly
 
 __all__ = ["HttpRangeReader"]
 
 #: Bytes per ``read`` from the socket: large enough to be cheap, small enough that a fetch
 #: told to stop notices soon.
-CHUNK_BYTES = 256 * 1024
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIABLE = re.compile(r"bytes \*/(\d+)")
@@ -88,18 +88,10 @@ class HttpRangeReader:
         finished = False
         try:
             self._check(response, start, end)
-            remaining = end - start
-            while remaining:
-                try:
-                    chunk = response.read(min(CHUNK_BYTES, remaining))
-                except (OSError, http.client.HTTPException) as error:
-                    raise ReadError(f"{self.name}: {self._reason(error)} reading bytes "
-                                    f"{start}-{end - 1}") from None
-                if not chunk:
-                    raise ReadError(f"{self.name}: connection closed {remaining} bytes short "
-                                    f"of bytes {start}-{end - 1}")
-                remaining -= len(chunk)
-                yield chunk
+            yield from read_exactly(response.read, end - start, name=self.name,
+                                    what=f"bytes {start}-{end - 1}",
+                                    broke=(OSError, http.client.HTTPException),
+                                    reason=self._reason)
             finished = True  # the whole body was read: the connection can serve the next
         finally:
             if not finished:

@@ -8,9 +8,14 @@ so the fetch and the cache never learn where bytes come from.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
-__all__ = ["RangeReader"]
+from mcastdeploy.drivers.sources.errors import ReadError
+
+__all__ = ["RangeReader", "read_exactly", "CHUNK_BYTES"]
+
+#: Bytes a reader hands the fetch at a time.
+CHUNK_BYTES = 256 * 1024
 
 
 class RangeReader(Protocol):
@@ -39,3 +44,23 @@ class RangeReader(Protocol):
         in a ``finally``. Fewer bytes than asked is a ``ReadError``, never a silent short read.
         """
         ...
+
+
+def read_exactly(read: Callable[[int], bytes], length: int, *, name: str, what: str,
+                 broke: tuple[type[BaseException], ...],
+                 reason: Callable[[BaseException], str]) -> Iterator[bytes]:
+    """``length`` bytes of a response body, in chunks of at most ``CHUNK_BYTES``.
+
+    A stream that breaks (one of ``broke`` from ``read``) or ends early is a retryable
+    ``ReadError`` naming the copy (``name``) and the range (``what``): never a short read.
+    """
+    remaining = length
+    while remaining:
+        try:
+            chunk = read(min(CHUNK_BYTES, remaining))
+        except broke as error:
+            raise ReadError(f"{name}: {reason(error)} reading {what}") from None
+        if not chunk:
+            raise ReadError(f"{name}: connection closed {remaining} bytes short of {what}")
+        remaining -= len(chunk)
+        yield chunk

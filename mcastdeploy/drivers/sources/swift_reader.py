@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
 
 from mcastdeploy.drivers.sources.errors import ReadError
+from mcastdeploy.drivers.sources.reader import CHUNK_BYTES, read_exactly
 
 __all__ = ["SwiftAuth", "SwiftRangeReader", "parse_swift_url"]
 
 #: Bytes per chunk of a range's body (swiftclient's ``resp_chunk_size``), as for HTTP.
-CHUNK_BYTES = 256 * 1024
 
 
 def parse_swift_url(url: str) -> tuple[str, str]:
@@ -139,18 +139,10 @@ class SwiftRangeReader:
         finished = False
         try:
             self._check(headers, start, end)
-            remaining = end - start
-            while remaining:
-                try:
-                    chunk = body.read(min(CHUNK_BYTES, remaining))
-                except Exception as error:  # requests/urllib3/socket: the stream broke
-                    raise ReadError(f"{self.name}: {self._reason(error)} reading "
-                                    f"{what}") from None
-                if not chunk:
-                    raise ReadError(f"{self.name}: connection closed {remaining} bytes "
-                                    f"short of {what}")
-                remaining -= len(chunk)
-                yield chunk
+            # Any exception from the body: requests, urllib3 and socket errors all mean the
+            # stream broke.
+            yield from read_exactly(body.read, end - start, name=self.name, what=what,
+                                    broke=(Exception,), reason=self._reason)
             finished = True
         finally:
             if not finished:

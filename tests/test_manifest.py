@@ -220,3 +220,115 @@ def test_a_sparse_image_puts_only_its_data_on_the_wire() -> None:
         assert result.failures == {} and all(copy == image for copy in result.images.values())
         sent.append(sender.stats.bytes_sent)
     assert 0.09 < sent[0] / sent[1] < 0.13
+
+
+# --- pipelined: the pass starts before the download (and its hashing) has finished --------
+
+
+def partly_zero_image(blocks: int, block_bytes: int, zero: range, seed: int = 5) -> bytes:
+    image = bytearray(random.Random(seed).randbytes(blocks * block_bytes - 100))
+    image[zero.start * block_bytes:zero.stop * block_bytes] = bytes(len(zero) * block_bytes)
+    return bytes(image)
+
+
+def hashes_of(image: bytes, g: ImageGeometry, blocks: range) -> bytes:
+    return b"".join(manifest.block_hash(image[g.offset(b):g.offset(b) + g.block_length(b)])
+                    for b in blocks)
+
+
+class Download(Simulation):
+    """A simulation whose sender's image arrives as a download would: ``blocks_per_s``
+    blocks (and their hashes) a second, the whole-image checksum once it is all in."""
+
+    def __init__(self, *args, blocks_per_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocks_per_s = blocks_per_s
+        self.have = 0
+        self.finished_at: float | None = None
+        self.sent_while_downloading = 0
+
+    def _after_sender(self, now: float) -> None:
+        sender, g = self.sender, self.sender.geometry
+        have = min(int(now * self.blocks_per_s), g.block_count)
+        if have > self.have:
+            sender.extend_manifest(hashes_of(self.image, g, range(self.have, have)), now)
+            sender.set_readable(have, now)
+            self.have = have
+            if have == g.block_count:
+                sender.set_checksum(hashlib.sha256(self.image).digest(), now)
+                self.finished_at = now
+        super()._after_sender(now)
+        if self.have < g.block_count:
+            self.sent_while_downloading = sender.stats.source_packets
+
+
+def pipelined_sender(image: bytes, receivers: int) -> tuple[Sender, dict[str, Receiver]]:
+    """keyed_pair's sender, but knowing neither hashes nor checksum, nor any block."""
+    sender, nodes = keyed_pair(image, receivers)
+    g = sender.geometry
+    return Sender(sender.config, len(image), origin=1,
+                  manifest=SenderManifest(block_count=g.block_count)), nodes
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.05])
+def test_a_pass_that_starts_while_downloading_delivers_a_verified_image(loss: float) -> None:
+    image = partly_zero_image(196, 2048, range(70, 130))  # zeros across chunk boundaries
+    sender, nodes = pipelined_sender(image, 3)
+    sender.set_readable(0, 0.0)
+    sim = Download(sender, image, nodes, LossModel(seed=7, loss=loss), blocks_per_s=100)
+    result = sim.run(until=60)
+    assert result.failures == {}
+    assert all(copy == image for copy in result.images.values())
+    assert len(result.verified_at) == 3
+    assert sim.finished_at is not None and result.pass_started is not None
+    assert result.pass_started < sim.finished_at
+    assert sim.sent_while_downloading > 0  # data went out before the download ended
+    assert sender.stats.source_packets < 196 * 8  # zero blocks were still skipped
+    chunks = sender.manifest.chunk_count  # type: ignore[union-attr]
+    assert sender.stats.manifest_packets >= 2 * chunks
+    for node in nodes.values():
+        assert node.stats.blocks_rejected == 0
+    if not loss:  # every chunk went out twice, ahead of its blocks: nobody had to ask
+        assert sender.stats.manifest_packets == 2 * chunks
+        assert all(node.stats.manifest_requests == 0 for node in nodes.values())
+
+
+def test_a_pass_waiting_for_the_download_neither_spins_nor_outruns_the_hashes() -> None:
+    from test_protocol import drive, make_sender
+
+    image = partly_zero_image(100, 256, range(45, 60))  # 64 bytes x k=4: 100 blocks
+    plain = make_sender(len(image))
+    g = plain.geometry
+    sender = Sender(plain.config, len(image), origin=plain.origin,
+                    manifest=SenderManifest(block_count=g.block_count))
+    sender.start(0.0)
+    sender.extend_manifest(hashes_of(image, g, range(0, 50)), 0.0)  # chunk 0 and a bit
+    sender.set_readable(30, 0.0)
+    now, sent = drive(sender, image, 0.0, 2.0)  # drive() fails on a busy loop
+    blocks = {p.body.block for _, p in sent if isinstance(p.body, wire.Data)}
+    assert blocks == set(range(30))  # not beyond what the driver can read
+    sender.set_readable(100, now)
+    now, more = drive(sender, image, now, now + 2.0)
+    sent += more
+    blocks = {p.body.block for _, p in sent if isinstance(p.body, wire.Data)}
+    assert blocks == set(range(40))  # nor beyond the last chunk whose hashes are all known
+    assert not any(p.header.flags & wire.Flags.CHECKSUM_KNOWN
+                   for _, p in sent if isinstance(p.body, wire.Announce))
+    sender.extend_manifest(hashes_of(image, g, range(50, 100)), now)
+    sender.set_checksum(hashlib.sha256(image).digest(), now)
+    now, more = drive(sender, image, now, now + 5.0,
+                      stop=lambda s: s.pass_position() >= g.block_count)
+    sent += more
+    data = [p.body.block for _, p in sent if isinstance(p.body, wire.Data)]
+    assert set(data) == set(range(100)) - set(range(45, 60))
+    announces = [p for _, p in sent if isinstance(p.body, wire.Announce)]
+    assert announces[-1].header.flags & wire.Flags.CHECKSUM_KNOWN
+    # Every chunk went out twice before the first of its blocks that was sent.
+    copies: dict[int, int] = {}
+    for _, packet in sent:
+        if isinstance(packet.body, wire.Manifest):
+            index = packet.body.first // CHUNK_BLOCKS
+            copies[index] = copies.get(index, 0) + 1
+        elif isinstance(packet.body, wire.Data):
+            assert copies.get(manifest.chunk_of(packet.body.block), 0) == 2
+    assert copies == {0: 2, 1: 2, 2: 2}

@@ -78,32 +78,70 @@ class ZeroHashes:
 
 
 class SenderManifest:
-    """The sender's manifest: every block's hash, known before the pass starts, kept as
-    one string of digests (32 bytes a block: 36 MB for 50 GB at k = 32)."""
+    """The sender's manifest: every block's hash, kept as one string of digests (32 bytes a
+    block: 36 MB for 50 GB at k = 32).
 
-    def __init__(self, digests: bytes | Sequence[bytes]) -> None:
+    It may start short and grow (``extend``), in block order, while the image is still
+    being downloaded: the sender then multicasts a chunk, and sends its blocks, only once
+    the whole chunk is known (``known_chunks``), so that no pass has to wait for the
+    whole download before it starts.
+    """
+
+    def __init__(self, digests: bytes | Sequence[bytes] = b"", *,
+                 block_count: Optional[int] = None) -> None:
+        digests = self._joined(digests)
+        self._digests = bytearray(digests)
+        self.block_count = len(digests) // HASH_BYTES if block_count is None else block_count
+        if self.known_blocks > self.block_count:
+            raise ValueError("more block hashes than blocks")
+        self.chunk_count = -(-self.block_count // CHUNK_BLOCKS)
+
+    @staticmethod
+    def _joined(digests: bytes | Sequence[bytes]) -> bytes:
         if not isinstance(digests, (bytes, bytearray)):
             if any(len(digest) != HASH_BYTES for digest in digests):
                 raise ValueError("block hashes are SHA-256 digests")
             digests = b"".join(digests)
         if len(digests) % HASH_BYTES:
             raise ValueError("block hashes are SHA-256 digests")
-        self._digests = bytes(digests)
-        self.block_count = len(self._digests) // HASH_BYTES
-        self.chunk_count = -(-self.block_count // CHUNK_BLOCKS)
+        return bytes(digests)
+
+    @property
+    def known_blocks(self) -> int:
+        """Blocks whose hash is known: always a prefix of the image."""
+        return len(self._digests) // HASH_BYTES
+
+    @property
+    def complete(self) -> bool:
+        return self.known_blocks == self.block_count
+
+    @property
+    def known_chunks(self) -> int:
+        """Chunks whose every hash is known: a prefix, the short last one once complete."""
+        return self.chunk_count if self.complete else self.known_blocks // CHUNK_BLOCKS
+
+    def extend(self, digests: bytes | Sequence[bytes]) -> None:
+        """Append the hashes of the next blocks, in order."""
+        digests = self._joined(digests)
+        if self.known_blocks + len(digests) // HASH_BYTES > self.block_count:
+            raise ValueError("more block hashes than blocks")
+        self._digests += digests
 
     def hash_of(self, block: int) -> bytes:
-        return self._digests[block * HASH_BYTES:(block + 1) * HASH_BYTES]
+        return bytes(self._digests[block * HASH_BYTES:(block + 1) * HASH_BYTES])
 
-    def zero_blocks(self, block_bytes: int, last_length: int) -> bytearray:
-        """1 for every block that is all zeros, by its hash."""
+    def zero_blocks(self, block_bytes: int, last_length: int,
+                    start: int = 0) -> bytearray:
+        """1 for every known block from ``start`` on that is all zeros, by its hash."""
         zeros = ZeroHashes(block_bytes, last_length)
         last = self.block_count - 1
         return bytearray(zeros.matches(self.hash_of(block), block == last)
-                         for block in range(self.block_count))
+                         for block in range(start, self.known_blocks))
 
     def chunk(self, index: int) -> tuple[int, tuple[bytes, ...]]:
-        """(first block, its hashes) of chunk ``index``."""
+        """(first block, its hashes) of chunk ``index`` (which must be known)."""
+        if index >= self.known_chunks:
+            raise ValueError(f"chunk {index} is not known yet")
         first = index * CHUNK_BLOCKS
         stop = min(first + CHUNK_BLOCKS, self.block_count)
         return first, tuple(self.hash_of(block) for block in range(first, stop))

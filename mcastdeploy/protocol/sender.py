@@ -186,14 +186,19 @@ class Sender:
         #: Repair accepted since the last REPAIR_NOTICE went out: block -> symbols coming.
         self._notices: dict[int, int] = {}
         self._repair_credit = 0.0
-        #: 1 for all-zero blocks (by the manifest): never sent, receivers zero them.
-        geometry = self.geometry
-        self._zero = (manifest.zero_blocks(geometry.block_bytes,
-                                           geometry.block_length(geometry.block_count - 1))
-                      if manifest is not None else bytearray(geometry.block_count))
+        #: 1 for all-zero blocks (by the manifest): never sent, receivers zero them.  Only
+        #: blocks whose hash is known are marked; the pass waits at the first unknown one.
+        self._zero = bytearray(self.geometry.block_count)
+        self._zero_marked = 0
+        self._mark_zero()
+        #: Blocks of the image the driver can read (a download's prefix): the pass waits
+        #: at the first one beyond, without waking the driver for it.
+        self._readable = self.geometry.block_count
         self._pass_block = self._skip_zero(0)
         #: The pass position up to which manifest chunks have been queued (chunks_due).
         self._manifest_through = -1
+        #: Chunks due before their hashes were all known: queued as soon as they are.
+        self._manifest_deferred: list[int] = []
         self._pass_symbol = 0
         self._end_remaining = 0
         self._finished_at = 0.0
@@ -211,8 +216,9 @@ class Sender:
         if self.state is SenderState.FINISHED:
             return wanted
         if self.state in (SenderState.WAITING, SenderState.SENDING):
+            limit = self._sendable()
             for block in (self._pass_block, self._skip_zero(self._pass_block + 1)):
-                if block < self.geometry.block_count and block not in self._cache:
+                if block < limit and block not in self._cache:
                     wanted.append(block)
         head = self._repair.head()
         if head is not None and head not in self._cache and head not in wanted:
@@ -233,6 +239,39 @@ class Sender:
         self._cache.move_to_end(block)
         while len(self._cache) > self.config.block_cache:
             self._cache.popitem(last=False)
+
+    def set_readable(self, blocks: int, now: float) -> None:
+        """The driver can supply blocks below ``blocks`` (a download's prefix so far).
+
+        Without it a pass that caught up with the download would ask for a block the
+        driver does not have yet and wake it at every pacing time for nothing.
+        """
+        self._readable = min(max(blocks, 0), self.geometry.block_count)
+        self._resume_pass(now)
+
+    def extend_manifest(self, digests: bytes | list[bytes], now: float) -> None:
+        """The hashes of the next blocks, in order, as a download computes them: the pass
+        goes on into the chunks they complete, and manifest chunks deferred for want of
+        them are queued."""
+        if self.manifest is None:
+            raise ValueError("this sender has no manifest")
+        self.manifest.extend(digests)
+        self._mark_zero()
+        known = self.manifest.known_chunks
+        ready = [index for index in self._manifest_deferred if index < known]
+        if ready:
+            self._manifest_deferred = [i for i in self._manifest_deferred if i >= known]
+            self._queue_manifest(ready)
+        self._resume_pass(now)
+
+    def set_checksum(self, checksum: bytes, now: float) -> None:
+        """The whole image's SHA-256, once a download has read it all: announced at once,
+        since receivers that hold every block wait for it to verify their copy."""
+        if self.checksum is not None and self.checksum != checksum:
+            raise ValueError("the image checksum is already set to another value")
+        self.checksum = checksum
+        if self.state is not SenderState.FINISHED:
+            self._next_announce = min(self._next_announce, now)
 
     def pass_position(self) -> int:
         """Blocks the data pass has fully sent."""
@@ -591,12 +630,15 @@ class Sender:
             return True
         if self._repair and self._repair.head() in self._cache:
             return True
-        return (self.state is SenderState.SENDING and self._pass_block in self._cache)
+        return self._pass_ready()
 
     def _next_data(self, now: float) -> Optional[bytes]:
+        if self._pass_ready() and not self._pass_symbol:
+            # Queue the chunks due at this block before its first symbol, not after it.
+            self._advance_manifest(self._pass_block)
         if self._manifest_queue:  # hashes go before the blocks they cover
             return self._next_manifest()
-        pass_ready = self.state is SenderState.SENDING and self._pass_block in self._cache
+        pass_ready = self._pass_ready()
         repair_ready = bool(self._ready_repair) or (
             bool(self._repair) and self._repair.head() in self._cache)
         share = self.config.repair_share
@@ -630,7 +672,7 @@ class Sender:
         self._last_request = now  # a receiver still at work, as for any NACK
         for first, _ in nack.needs:
             index, offset = divmod(first, CHUNK_BLOCKS)
-            if not offset and index < self.manifest.chunk_count \
+            if not offset and index < self.manifest.known_chunks \
                     and not self._manifest_queued[index]:
                 self._queue_manifest([index])
 
@@ -661,17 +703,55 @@ class Sender:
 
     def _skip_zero(self, block: int) -> int:
         """The first block from ``block`` on that the pass sends (zero blocks are not)."""
-        zero, count = self._zero, self.geometry.block_count
+        zero, count = self._zero, self._vouched()
         while block < count and zero[block]:
             block += 1
         return block
 
     def _advance_manifest(self, block: int) -> None:
-        """Queue the manifest chunks due before the pass's first symbol of ``block``."""
+        """Queue the manifest chunks due before the pass's first symbol of ``block``; those
+        not fully known yet (a chunk ahead, while downloading) wait in the deferred list."""
         if self.manifest is not None and block > self._manifest_through:
-            self._queue_manifest(chunks_due(self._manifest_through, block,
-                                            self.manifest.chunk_count))
+            known = self.manifest.known_chunks
+            due = chunks_due(self._manifest_through, block, self.manifest.chunk_count)
+            self._queue_manifest([index for index in due if index < known])
+            self._manifest_deferred.extend(index for index in due if index >= known)
             self._manifest_through = block
+
+    def _vouched(self) -> int:
+        """Blocks whose whole manifest chunk is known: the pass may send (or skip as zero)
+        only these, so that every chunk goes out, twice, before its blocks."""
+        if self.manifest is None:
+            return self.geometry.block_count
+        return min(self.manifest.known_chunks * CHUNK_BLOCKS, self.geometry.block_count)
+
+    def _sendable(self) -> int:
+        """The pass may send blocks below this: hashes known and data readable."""
+        return min(self._vouched(), self._readable)
+
+    def _mark_zero(self) -> None:
+        """Mark the zero blocks among those whose hash became known."""
+        if self.manifest is None:
+            return
+        g = self.geometry
+        start = self._zero_marked
+        flags = self.manifest.zero_blocks(g.block_bytes, g.block_length(g.block_count - 1),
+                                          start)
+        self._zero[start:start + len(flags)] = flags
+        self._zero_marked = start + len(flags)
+
+    def _pass_ready(self) -> bool:
+        return (self.state is SenderState.SENDING and self._pass_block < self._sendable()
+                and self._pass_block in self._cache)
+
+    def _resume_pass(self, now: float) -> None:
+        """More of the image became known: skip the zero blocks now known to be zero, and
+        end a pass that thereby reached the end."""
+        if self.state in (SenderState.WAITING, SenderState.SENDING) and not self._pass_symbol:
+            self._pass_block = self._skip_zero(self._pass_block)
+            if (self.state is SenderState.SENDING
+                    and self._pass_block >= self.geometry.block_count):
+                self._complete_pass(now)
 
     def _complete_pass(self, now: float) -> None:
         # Chunks of trailing zero blocks still go out: receivers learn them zero from it.

@@ -60,6 +60,24 @@ def test_parallel_ranged_fetch_writes_the_right_bytes(tmp_path):
     assert_no_leftovers(dest)
 
 
+def test_the_hashed_prefix_is_reported_in_order_as_it_grows(tmp_path):
+    """What a pipelined sender multicasts: only bytes already written and hashed."""
+    data = payload(37 * RANGE + 123)
+    dest = tmp_path / "image"
+    prefixes: list[int] = []
+
+    def on_hashed(prefix: int) -> None:
+        with open(part_path(str(dest)), "rb") as part:
+            assert part.read(prefix) == data[:prefix]  # written before it is reported
+        prefixes.append(prefix)
+
+    with ObjectServer({"/img": data}) as server:
+        fetch([HttpRangeReader(server.url())], str(dest), connections=4,
+              range_bytes=RANGE, on_hashed=on_hashed)
+    assert prefixes == sorted(set(prefixes)) and len(prefixes) == 38
+    assert prefixes[-1] == len(data)
+
+
 def test_failed_ranges_are_retried_from_where_they_broke(tmp_path):
     data = payload(12 * RANGE)
     dest = tmp_path / "image"

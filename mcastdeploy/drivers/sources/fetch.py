@@ -73,6 +73,7 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
           range_bytes: int = DEFAULT_RANGE_BYTES, expected_sha256: Optional[str] = None,
           retry: Optional[RetryPolicy] = None,
           reserve: Optional[Callable[[int], None]] = None,
+          on_hashed: Optional[Callable[[int], None]] = None,
           rng: Optional[random.Random] = None) -> FetchResult:
     """Fetch the object that every reader in ``readers`` holds into ``dest_path``.
 
@@ -82,6 +83,10 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
     cache makes room there; raising stops the fetch). Raises FetchError with a one-line
     message when the fetch cannot complete; the ``.part`` file then stays for a later call
     to resume, except after a checksum mismatch, where nothing is kept.
+
+    ``on_hashed(n)`` is called, from the calling thread, each time the first ``n`` bytes of
+    ``DEST.part`` are written and folded into the running SHA-256 (about every MB): a
+    sender may multicast that prefix while the rest is still arriving.
     """
     if connections < 1 or range_bytes < 1:
         raise ValueError("connections and range_bytes must be positive")
@@ -113,7 +118,8 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
             log.start(header, keep=bool(done))
         except OSError as error:
             raise FetchError(f"cannot prepare {part}: {error.strerror}") from None
-        transfer = _Transfer(fd, part, size, range_bytes, copies, log, done, stop)
+        transfer = _Transfer(fd, part, size, range_bytes, copies, log, done, stop,
+                             on_hashed)
         digest = transfer.run(connections)
         if expected is not None and digest != expected:
             _remove(part, state_path(dest_path))
@@ -309,8 +315,10 @@ class _Transfer:
     """The ranges still missing, the connections fetching them, and the in-order digest."""
 
     def __init__(self, fd: int, part: str, size: int, range_bytes: int, copies: _Copies,
-                 log: _RangeLog, done: set, stop: threading.Event) -> None:
+                 log: _RangeLog, done: set, stop: threading.Event,
+                 on_hashed: Optional[Callable[[int], None]] = None) -> None:
         self._fd = fd
+        self._on_hashed = on_hashed
         self._part = part
         self._size = size
         self._range_bytes = range_bytes
@@ -369,6 +377,8 @@ class _Transfer:
                 if not data:
                     raise FetchError(f"{self._part} shrank while being fetched")
                 digest.update(data)
+                if self._on_hashed is not None:
+                    self._on_hashed(offset + len(data))
 
     def _work(self) -> None:
         try:

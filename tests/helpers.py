@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -76,3 +77,20 @@ def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str, st
         out, err = process.communicate()
         pytest.fail(f"{process.args} did not finish in {timeout} s; stderr: {err[-2000:]}")
     return process.returncode, out, err
+
+
+def transfer(spec_path, image, receivers: list[list[str]],
+             send_args: tuple[str, ...] = ()) -> list[dict]:
+    """One ``recv`` per argument list (its options, then its target) and a ``send`` of
+    ``image`` that waits for all of them; every process must exit 0.  Their JSON
+    summaries, the receivers' first."""
+    processes = [mcastdeploy("recv", "--session", str(spec_path), "--json", "--timeout", "30",
+                             *args) for args in receivers]
+    processes.append(mcastdeploy("send", "--session", str(spec_path), "--min-receivers",
+                                 str(len(receivers)), "--wait", "30", "--json", *send_args,
+                                 str(image)))
+    results = [finish(process, timeout=120) for process in processes]
+    for code, _, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    return [json.loads(out) for _, out, _ in results]

@@ -4,26 +4,9 @@ from __future__ import annotations
 
 import json
 
-from helpers import finish, mcastdeploy, sha256_file, write_random
+from helpers import finish, mcastdeploy, sha256_file, transfer, write_random
 
 IMAGE_SIZE = 64 * 1024 * 1024 + 4321  # not a whole number of blocks
-
-
-def transfer(spec_path, image, receivers: list[list[str]],
-             send_args: tuple[str, ...] = ()) -> list[dict]:
-    """One ``recv`` per argument list (its options, then its target) and a ``send`` of
-    ``image`` that waits for all of them; every process must exit 0.  Their JSON
-    summaries, the receivers' first."""
-    processes = [mcastdeploy("recv", "--session", str(spec_path), "--json", "--timeout", "30",
-                             *args) for args in receivers]
-    processes.append(mcastdeploy("send", "--session", str(spec_path), "--min-receivers",
-                                 str(len(receivers)), "--wait", "30", "--json", *send_args,
-                                 str(image)))
-    results = [finish(process, timeout=120) for process in processes]
-    for code, _, err in results:
-        assert code == 0, err
-        assert "Traceback" not in err
-    return [json.loads(out) for _, out, _ in results]
 
 
 def test_send_to_three_receivers(tmp_path, loopback_spec):

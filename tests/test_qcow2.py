@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
-from helpers import sha256_file
+from helpers import sha256_file, transfer
 from http_objects import ObjectServer
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.sources import qcow2
 from mcastdeploy.spec import SessionSpec, SpecError
-from test_end_to_end import transfer
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="qemu-img (qemu-utils) is not installed")

@@ -4,9 +4,8 @@ file would be; failures to fetch are one line and exit 1."""
 from __future__ import annotations
 
 import hashlib
-import json
 
-from helpers import finish, mcastdeploy, sha256_file
+from helpers import finish, mcastdeploy, sha256_file, transfer
 from http_objects import ObjectServer, dead_url
 from test_cli_errors import assert_one_line_error
 from test_remote import payload
@@ -23,17 +22,10 @@ def test_send_an_image_from_a_url_over_loopback_multicast(tmp_path, loopback_spe
     target = tmp_path / "target.raw"
     cache = tmp_path / "cache"
     with ObjectServer({"/img": data}) as server:
-        receiver = mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
-                               str(target))
         # A dead copy next to the good one: whichever is tried first, the image arrives.
-        sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "1",
-                             "--wait", "30", "--linger", "2", "--json",
-                             "--cache-dir", str(cache), "--cache-limit", "16M",
-                             "--copy", dead_url(), server.url())
-        results = [finish(process, timeout=60) for process in (receiver, sender)]
-    for code, _, err in results:
-        assert code == 0, err
-    received, sent = (json.loads(out) for _, out, _ in results)
+        received, sent = transfer(spec_path, server.url(), [[str(target)]],
+                                  ("--linger", "2", "--cache-dir", str(cache),
+                                   "--cache-limit", "16M", "--copy", dead_url()))
     assert received["sha256"] == sent["sha256"] == image_sha
     assert sha256_file(target) == image_sha
     assert server.bytes_served == SIZE + 1

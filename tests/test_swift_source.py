@@ -10,7 +10,7 @@ import threading
 from typing import Callable, Iterator
 
 import pytest
-from helpers import finish, mcastdeploy, sha256_file
+from helpers import finish, mcastdeploy, sha256_file, transfer
 from swift_fixture import LocalSwift, local_swift  # noqa: F401 (a fixture)
 from test_cli_errors import assert_one_line_error
 from test_remote import payload
@@ -100,16 +100,9 @@ def test_send_from_swift_then_from_the_cache(local_swift, tmp_path, loopback_spe
     for attempt in range(2):
         mark = len(local_swift.access_lines())
         target = tmp_path / f"target{attempt}.raw"
-        receiver = mcastdeploy("recv", "--session", spec_path, "--json", "--timeout", "30",
-                               str(target))
-        sender = mcastdeploy("send", "--session", spec_path, "--min-receivers", "1",
-                             "--wait", "30", "--linger", "1", "--json",
-                             "--cache-dir", str(cache), "--cache-limit", "64M",
-                             f"swift://{CONTAINER}/send.raw")
-        results = [finish(process, timeout=60) for process in (receiver, sender)]
-        for code, _, err in results:
-            assert code == 0, err
-        received, sent = (json.loads(out) for _, out, _ in results)
+        received, sent = transfer(spec_path, f"swift://{CONTAINER}/send.raw", [[str(target)]],
+                                  ("--linger", "1", "--cache-dir", str(cache),
+                                   "--cache-limit", "64M"))
         assert received["sha256"] == sent["sha256"] == image_sha
         assert sha256_file(target) == image_sha
         sent_by_swift.append(local_swift.bytes_sent_for(

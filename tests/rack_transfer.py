@@ -187,6 +187,14 @@ class Transfer:
             assert sha256_file(peer.target) == self.sha, f"{host}'s copy differs"
         return summaries
 
+    def run(self, *hosts: str) -> dict[str, dict[str, Any]]:
+        """The whole plain transfer: ``hosts`` receive, the sender waits for all of them,
+        everything ends and is checked; the summaries by host."""
+        self.receive(*hosts)
+        self.send(min_receivers=len(hosts))
+        self.wait()
+        return self.check(receivers_done=len(hosts))
+
     def check(self, receivers_done: int) -> dict[str, dict[str, Any]]:
         """Assert exit codes, summaries and copies; return the summaries by host."""
         summaries = self.check_receivers()

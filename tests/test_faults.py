@@ -109,10 +109,7 @@ def test_ten_percent_loss_everywhere(rack, tmp_path, image):
     bed = rack(RECEIVERS, rate=LINK, loss=loss)
     hosts = bed.receivers
     transfer = transfer_on(bed, tmp_path, image, "loss10")
-    transfer.receive(*hosts)
-    transfer.send(min_receivers=RECEIVERS)
-    transfer.wait()
-    summaries = transfer.check(receivers_done=RECEIVERS)
+    summaries = transfer.run(*hosts)
 
     for host in hosts:
         assert_bed_dropped(bed, host, loss)

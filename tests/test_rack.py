@@ -38,10 +38,7 @@ def test_eight_receivers_with_random_loss(rack, tmp_path, image, loss, record_pr
     bed = rack(RECEIVERS, rate=LINK, loss=loss)
     hosts = receivers_of(bed)
     transfer = Transfer(bed, tmp_path, image, "run")
-    transfer.receive(*hosts)
-    transfer.send(min_receivers=RECEIVERS)
-    transfer.wait()
-    summaries = transfer.check(receivers_done=RECEIVERS)
+    summaries = transfer.run(*hosts)
 
     for host in hosts:
         assert_bed_dropped(bed, host, loss)
@@ -61,18 +58,12 @@ def test_one_lossy_receiver_does_not_slow_the_others(rack, tmp_path, image, reco
     others, lossy = receivers_of(bed)[:-1], receivers_of(bed)[-1]
 
     alone = Transfer(bed, tmp_path, image, "without")
-    alone.receive(*others)
-    alone.send(min_receivers=len(others))
-    alone.wait()
-    quiet = alone.check(receivers_done=len(others))["sender"]
+    quiet = alone.run(*others)["sender"]
     base = [alone.finished_after(h) for h in others]
 
     bed.set_loss(lossy, 20.0)
     mixed = Transfer(bed, tmp_path, image, "with")
-    mixed.receive(*others, lossy)
-    mixed.send(min_receivers=RECEIVERS)
-    mixed.wait()
-    summaries = mixed.check(receivers_done=RECEIVERS)
+    summaries = mixed.run(*others, lossy)
     busy = summaries["sender"]
     slowed = [mixed.finished_after(h) for h in others]
     assert summaries[lossy]["repairs_asked"] > 0

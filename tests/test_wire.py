@@ -74,14 +74,24 @@ def statuses(draw: st.DrawFn) -> wire.Status:
                        packets_received=draw(st.integers(0, U64)),
                        packets_lost=draw(st.integers(0, U64)), nacks_sent=draw(st.integers(0, U32)),
                        echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)),
-                       node_id=draw(st.integers(0, U64)))
+                       node_id=draw(st.integers(0, U64)), seed_port=draw(st.integers(0, 65535)))
+
+
+ipv4_hosts = st.integers(1, 2**32 - 2).map(ipaddress.IPv4Address).filter(
+    lambda a: not a.is_multicast).map(str)
+peer_requests = st.builds(wire.PeerRequest, blocks_missing=st.integers(0, U32),
+                          exclude=st.lists(origins, max_size=32).map(tuple))
+peer_lists = st.builds(wire.Peers, peers=st.lists(st.builds(
+    wire.PeerAddress, host=ipv4_hosts, port=st.integers(1, 65535), origin=origins),
+    max_size=wire.packets.MAX_PEERS).map(tuple), source_port=st.integers(0, 65535))
 
 
 manifests = st.builds(wire.Manifest, first=st.integers(0, U32),
                       hashes=st.lists(checksums, min_size=1,
                                       max_size=wire.MAX_MANIFEST_HASHES).map(tuple))
 bodies = st.one_of(announces(), datas, nacks, notices, statuses(),
-                   st.builds(wire.Done, checksum=checksums), st.just(wire.End()), manifests)
+                   st.builds(wire.Done, checksum=checksums), st.just(wire.End()), manifests,
+                   peer_requests, peer_lists)
 
 
 @st.composite
@@ -237,7 +247,7 @@ def test_reject_other_versions(version: int) -> None:
     _rejects(_raw(wire.PacketType.END, b"", version=version), "version")
 
 
-@pytest.mark.parametrize("ptype", [0, 9, 255])
+@pytest.mark.parametrize("ptype", [0, 11, 255])
 def test_reject_unknown_type(ptype: int) -> None:
     _rejects(_raw(ptype, b""), "unknown packet type")
 
@@ -311,12 +321,31 @@ def test_reject_announce_wrong_length() -> None:
 
 def test_reject_status_done_beyond_count_and_unknown_state() -> None:
     layout = wire.Status.BODY
-    ok = wire.parse(_raw(wire.PacketType.STATUS, layout.pack(3, 5, 5, 1, 0, 0, 9, 8, 77))).body
+    ok = wire.parse(_raw(wire.PacketType.STATUS,
+                         layout.pack(3, 6790, 5, 5, 1, 0, 0, 9, 8, 77))).body
     assert ok.state is wire.ReceiverState.DONE and ok.blocks_done == ok.block_count == 5
-    assert (ok.echo_us, ok.hold_us, ok.node_id) == (9, 8, 77)
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 6, 5, 1, 0, 0, 0, 0, 0)),
+    assert (ok.echo_us, ok.hold_us, ok.node_id, ok.seed_port) == (9, 8, 77, 6790)
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 6, 5, 1, 0, 0, 0, 0, 0)),
              "more blocks done")
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 5, 1, 0, 0, 0, 0, 0)), "unknown state")
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 0, 5, 1, 0, 0, 0, 0, 0)),
+             "unknown state")
+
+
+def test_reject_malformed_peer_packets() -> None:
+    from mcastdeploy.wire.packets import PEER_ENTRY, PEERS_HEAD
+    _rejects(_raw(wire.PacketType.PEER_REQUEST, b"\0\0"), "truncated")
+    _rejects(_raw(wire.PacketType.PEER_REQUEST, wire.PeerRequest.BODY.pack(5, 2) + bytes(4)),
+             "length")
+    _rejects(_raw(wire.PacketType.PEER_REQUEST, wire.PeerRequest.BODY.pack(5, 33)
+                  + bytes(4 * 33)), "excluded")
+    _rejects(_raw(wire.PacketType.PEERS, b"\0"), "truncated")
+    _rejects(_raw(wire.PacketType.PEERS, PEERS_HEAD.pack(0, 17) + bytes(10 * 17)), "17 peers")
+    _rejects(_raw(wire.PacketType.PEERS, PEERS_HEAD.pack(0, 2) + bytes(10)), "length")
+    # Addresses nobody can connect to are malformed: a group, 0.0.0.0, port 0.
+    for host, port in ((bytes([239, 1, 1, 1]), 5), (bytes(4), 5), (bytes([10, 0, 0, 1]), 0),
+                       (b"\xff" * 4, 5)):
+        _rejects(_raw(wire.PacketType.PEERS, PEERS_HEAD.pack(0, 1)
+                      + PEER_ENTRY.pack(host, port, 1)), "no address")
 
 
 def test_reject_bad_data_end_done() -> None:

@@ -432,8 +432,20 @@ class Fuzzer:
                     else wire.packets.BACKLOG.pack(value(32)))
             body = lead + wire.packets.NACK_COUNT.pack(count) + entries
         elif ptype == wire.PacketType.STATUS:
-            body = wire.Status.BODY.pack(rng.randrange(8), value(32), value(32), value(64),
-                                         value(64), value(32), value(64), value(32), value(64))
+            body = wire.Status.BODY.pack(rng.randrange(8), value(16), value(32), value(32),
+                                         value(64), value(64), value(32), value(64), value(32),
+                                         value(64))
+        elif ptype == wire.PacketType.PEER_REQUEST:
+            count = rng.choice((0, 1, 32, 33, 255))
+            real = count if rng.random() < 0.8 else rng.randrange(0, 40)
+            body = wire.PeerRequest.BODY.pack(value(32), count) + rng.randbytes(4 * real)
+        elif ptype == wire.PacketType.PEERS:
+            count = rng.choice((0, 1, 16, 17, 255))
+            real = min(count, 20) if rng.random() < 0.8 else rng.randrange(0, 20)
+            body = wire.packets.PEERS_HEAD.pack(value(16), count) + b"".join(
+                wire.packets.PEER_ENTRY.pack(rng.choice((bytes([10, 99, 0, 11]), bytes(4),
+                                                         b"\xff" * 4, bytes([239, 1, 2, 3]))),
+                                             value(16), value(32)) for _ in range(real))
         elif ptype == wire.PacketType.ANNOUNCE and rng.random() < 0.5:
             body = self._near_announce()
         elif ptype == wire.PacketType.ANNOUNCE:

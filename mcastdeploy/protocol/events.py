@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from mcastdeploy.protocol.geometry import ImageGeometry
 
@@ -98,6 +98,22 @@ class TransferFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class PeersOffered:
+    """This receiver is a straggler (``reason``) and the sender named where to fetch:
+    ``peers`` (seeders), and ``source`` (the sender's own block server, host and port;
+    None if it has none), the last resort.  Both empty: fetch by multicast repair."""
+
+    reason: str
+    peers: tuple
+    source: Optional[tuple]
+
+
+@dataclass(frozen=True)
+class SessionOver:
+    """(receiver, after it finished) The sender ended the session: stop seeding."""
+
+
 Event = Union[ReceiverJoined, ReceiverDone, TransferStarted, PassComplete, SessionEnded,
               SessionJoined, BlockDecoded, BlockIsZero, HashesLearned, AllBlocksDecoded,
-              TransferComplete, TransferFailed]
+              TransferComplete, TransferFailed, PeersOffered, SessionOver]

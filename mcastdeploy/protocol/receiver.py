@@ -25,6 +25,7 @@ from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import admit, overhead, protection_for
 from mcastdeploy.protocol.manifest import CHUNK_BLOCKS, ReceiverManifest, ZeroHashes
 from mcastdeploy.protocol.repair import NackScheduler, NackTiming, padded_need
+from mcastdeploy.protocol.straggler import StragglerPolicy
 
 Address = tuple
 
@@ -58,9 +59,18 @@ class ReceiverConfig:
     #: The target may already hold blocks (a restarted receiver): ask for the whole
     #: manifest at once, so that the driver can check them (HashesLearned, block_on_target).
     resume: bool = False
+    #: The sender's unicast address from the session spec, if it names one: STATUS goes
+    #: there before any ANNOUNCE, so that a receiver that hears no group can still join.
+    sender_hint: Optional[Address] = None
+    #: Where this receiver serves blocks to stragglers once it has the image (STATUS
+    #: says so; 0: it does not seed).
+    seed_port: int = 0
+    #: When to fetch from peers instead of multicast repair (protocol/straggler.py).
+    straggler: StragglerPolicy = StragglerPolicy()
 
 
 _REPAIR_FLAG = int(wire.Flags.REPAIR)
+_REPLY_FLAG = int(wire.Flags.REPLY)
 _HELD = 2  # _done: decoded, waiting for the manifest to vouch for it
 _DONE = 1
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -87,6 +97,8 @@ def _reply_address(announce: wire.Announce, source: Address) -> Optional[Address
         return None
     return (host, announce.sender_port or source[1])
 
+#: Manifest chunks a straggler asks for by unicast at once (wire.MAX_UNICAST_CHUNKS).
+_UNICAST_MANIFEST_CHUNKS = wire.packets.MAX_UNICAST_CHUNKS
 _LOSS_PRIOR = 100  # a plain int: enum arithmetic per packet is slow
 
 
@@ -127,6 +139,9 @@ class ReceiverStats:
     blocks_zero: int = 0  # all-zero blocks, zeroed by the driver instead of received
     partials_dropped: int = 0  # incomplete blocks forgotten to stay within partial_budget
     manifest_requests: int = 0
+    blocks_from_peers: int = 0  # verified blocks a peer (or the source) served
+    peer_blocks_rejected: int = 0  # blocks from a peer that did not match the manifest
+    peer_requests: int = 0
 
 
 class _PartialBlock:
@@ -191,11 +206,30 @@ class Receiver:
         self._count_from: Optional[int] = None
         self._pass_received = 0
         self._pass_lost = 0
+        #: Why we fetch from peers (None: multicast serves us); set once.
+        self.straggler: Optional[str] = None
+        #: Peers (or the source) are serving us: no symbol NACKs meanwhile.
+        self._peering = False
+        self._peer_ask_at: Optional[float] = None
+        self._peer_asks = 0
+        self._peer_exclude: list[int] = []
+        #: Last group packet (multicast) and last unicast answer of the sender.
+        self._group_heard = 0.0
+        self._unicast_heard: Optional[float] = None
+        self._pass_complete = False
+        #: The sender ended the session after we finished (seeding may stop).
+        self.session_over = False
 
     # -- sans-IO interface ----------------------------------------------------------------
 
     def start(self, now: float) -> None:
         self._last_heard = now
+        self._group_heard = now
+        if self.config.sender_hint is not None and self.sender_address is None:
+            # Say we are here at once: a sender that answers by unicast lets us join
+            # even if the group never reaches us (multicast-dead).
+            self.sender_address = self.config.sender_hint
+            self._next_status = now
 
     @property
     def packets_lost(self) -> int:
@@ -217,11 +251,23 @@ class Receiver:
         return self._pass_lost / (self._pass_lost + self._pass_received + _LOSS_PRIOR)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        if self.phase in (ReceiverPhase.DONE, ReceiverPhase.FAILED):
+        if self.phase is ReceiverPhase.FAILED:
+            return
+        if self.phase is ReceiverPhase.DONE:
+            if not self.session_over:
+                self._after_done(data)
             return
         packet = admit(data, self.config.session_id, self.stats, self._protection)
         if packet is not None:
             self.receive_packet(packet, addr, now)
+
+    def _after_done(self, data: bytes) -> None:
+        """Finished, perhaps seeding: only the sender's END still matters."""
+        packet = admit(data, self.config.session_id, self.stats, self._protection)
+        if packet is not None and isinstance(packet.body, wire.End) \
+                and packet.header.origin == self.sender_id:
+            self.session_over = True
+            self._events.append(events.SessionOver())
 
     def receive_packet(self, packet: wire.Packet, addr: Address, now: float) -> None:
         """A datagram already admitted (parsed, of our session).
@@ -243,14 +289,21 @@ class Receiver:
             elif self.sender_id is not None:
                 self.stats.foreign_packets += 1
         elif isinstance(body, wire.Data):
-            self._last_heard = now
+            self._last_heard = self._group_heard = now
             self._on_data(header, body, now)
         elif isinstance(body, wire.RepairNotice):
-            self._last_heard = now
+            self._last_heard = self._group_heard = now
             self._on_repair_notice(body, now)
         elif isinstance(body, wire.Manifest):
             self._last_heard = now
+            if header.flags & _REPLY_FLAG:
+                self._unicast_heard = now
+            else:
+                self._group_heard = now
             self._on_manifest(body, now)
+        elif isinstance(body, wire.Peers):
+            self._last_heard = self._unicast_heard = now
+            self._on_peers(body, now)
         elif isinstance(body, wire.End):
             self._last_heard = now
             if self.phase is ReceiverPhase.RECEIVING:
@@ -287,12 +340,21 @@ class Receiver:
             # Jittered, and stretched in large groups, to keep the sender's load bounded.
             self._status_nominal = self._status_gap(self._group_size)
             self._next_status = now + reporting.draw_gap(self._status_nominal, self._rng)
-        if self._nacks.nack_at is not None and now >= self._nacks.nack_at:
+        if self._nacks.nack_at is not None and now >= self._nacks.nack_at and not self._peering:
             self._nacks.nack_at = None
             self._send_nack(now)
         if self.manifest is not None:
             self._ask_manifest(now)
-        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
+        if self.phase is ReceiverPhase.RECEIVING:
+            if self.straggler is None:
+                reason = self.config.straggler.multicast_dead(now, self._group_heard,
+                                                              self._unicast_heard)
+                if reason is not None:
+                    self._become_straggler(reason, now)
+            if self._peer_ask_at is not None and now >= self._peer_ask_at:
+                self._ask_peers(now)
+        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING \
+                and not self._peering:
             self._nacks.arm(now, self._timing)
 
     def get_timer(self) -> Optional[float]:
@@ -301,8 +363,13 @@ class Receiver:
         deadlines = [self._last_heard + self.config.timeout]
         if self._next_status is not None:
             deadlines.append(self._next_status)
-        if self._nacks.nack_at is not None:
+        if self._nacks.nack_at is not None and not self._peering:
             deadlines.append(self._nacks.nack_at)
+        if self._peer_ask_at is not None:
+            deadlines.append(self._peer_ask_at)
+        if self.phase is ReceiverPhase.RECEIVING and self.straggler is None \
+                and self._unicast_heard is not None:
+            deadlines.append(self._group_heard + self.config.straggler.group_silence)
         if self.manifest is not None and self.sender_address is not None:
             ask = self.manifest.next_ask()
             if ask is not None:
@@ -355,6 +422,10 @@ class Receiver:
 
     def _send_status(self, now: Optional[float] = None) -> None:
         geometry = self.geometry
+        # Not hearing the group (or not yet): ask the sender to answer by unicast.
+        silent = self.phase in (ReceiverPhase.JOINING, ReceiverPhase.RECEIVING) and (
+            geometry is None or (now is not None and self.config.straggler.group_silent(
+                now, self._group_heard)))
         self._send(wire.Status(
             state=_WIRE_STATE[self.phase],
             blocks_done=self.blocks_done,
@@ -364,8 +435,9 @@ class Receiver:
             packets_lost=self.packets_lost,
             nacks_sent=self.stats.nacks_sent,
             node_id=self.config.node_id,
+            seed_port=self.config.seed_port,
             **self._echo_fields(now),
-        ))
+        ), wire.Flags.REPLY if silent else wire.Flags.NONE)
 
     def _send_done(self, now: float) -> None:
         assert self._verified is not None
@@ -413,6 +485,7 @@ class Receiver:
             self.phase = ReceiverPhase.RECEIVING
             self._next_status = now  # tell the sender at once that we are here
             self._status_nominal = None
+            self._group_heard = now  # the group's silence counts from our join
             self._events.append(events.SessionJoined(geometry, header.origin))
         elif geometry != self.geometry:
             self.stats.foreign_packets += 1  # another image under our session id: ignore it
@@ -422,6 +495,10 @@ class Receiver:
         elif header.origin != self.sender_id:
             self._follow_new_sender(header.origin, now)
         self._last_heard = now
+        if header.flags & _REPLY_FLAG:
+            self._unicast_heard = now
+        else:
+            self._group_heard = now
         self._echo = (announce.timestamp_us, now)
         self.sender_address = reply
         self._proactive = announce.proactive_repair
@@ -439,6 +516,8 @@ class Receiver:
                           + overhead(self._protection)),
         )
         self._advance_frontier(announce.next_block, now)
+        if header.flags & wire.Flags.PASS_COMPLETE and not self._pass_complete:
+            self._on_pass_complete(now)
         if self.phase is ReceiverPhase.VERIFYING:
             self._check_verified(now)
 
@@ -677,12 +756,114 @@ class Receiver:
         ask = self.manifest.next_ask()
         if ask is None or ask > now:
             return
-        firsts = self.manifest.take_due(now, wire.MAX_NACK_ENTRIES,
-                                        self._timing.retry_after(wire.MAX_NACK_ENTRIES))
+        # A straggler asks for its chunks by unicast (nobody else needs them), a few at a
+        # time, since the sender answers those at once, unpaced.
+        reply = self.straggler is not None
+        limit = _UNICAST_MANIFEST_CHUNKS if reply else wire.MAX_NACK_ENTRIES
+        firsts = self.manifest.take_due(now, limit, self._timing.retry_after(limit))
         if firsts:
+            flags = wire.Flags.MANIFEST | (wire.Flags.REPLY if reply else wire.Flags.NONE)
             self._send(wire.Nack(tuple((first, 1) for first in firsts), **self._echo_fields(now)),
-                       wire.Flags.MANIFEST)
+                       flags)
             self.stats.manifest_requests += 1
+
+    # -- stragglers: blocks from peers ------------------------------------------------------
+
+    @property
+    def blocks_missing(self) -> int:
+        return self.geometry.block_count - self.blocks_done if self.geometry else 0
+
+    def _on_pass_complete(self, now: float) -> None:
+        """The first ANNOUNCE saying the pass is over: a late joiner, or one that missed
+        much of the pass, is a straggler."""
+        joined_now = self.stats.data_packets == 0 and not self._pass_complete
+        self._pass_complete = True
+        if self.straggler is not None or self.phase is not ReceiverPhase.RECEIVING \
+                or self.geometry is None:
+            return
+        policy = self.config.straggler
+        reason = (policy.late_join(True, self.blocks_missing) if joined_now
+                  else policy.missed_too_much(self.blocks_missing, self.geometry.block_count))
+        if reason is not None:
+            self._become_straggler(reason, now)
+
+    def _become_straggler(self, reason: str, now: float) -> None:
+        """Ask the sender for peers, and for the hashes of every block we lack (by
+        unicast): every block a peer serves is checked against them."""
+        self.straggler = reason
+        self._peer_asks = 0
+        self._peer_ask_at = now
+        if self.manifest is not None:
+            self.manifest.want_all(now)
+
+    def _ask_peers(self, now: float) -> None:
+        self._send(wire.PeerRequest(min(self.blocks_missing, 2**32 - 1),
+                                    tuple(self._peer_exclude[-wire.packets.MAX_PEER_EXCLUDES:])))
+        self.stats.peer_requests += 1
+        self._peer_ask_at = self.config.straggler.next_ask(now, self._peer_asks)
+        self._peer_asks += 1
+
+    def _on_peers(self, peers: wire.Peers, now: float) -> None:
+        """The tracker's answer (or its referral instead of repair)."""
+        if self.phase is not ReceiverPhase.RECEIVING or self.sender_address is None:
+            return
+        if self.straggler is None:
+            self._become_straggler("referred to peers by the sender", now)
+        self._peer_ask_at = None
+        listed = tuple(peer for peer in peers.peers if peer.origin not in self._peer_exclude)
+        source = (self.sender_address[0], peers.source_port) if peers.source_port else None
+        self._peering = bool(listed or source)
+        if not self._peering:
+            self._resume_multicast_repair(now)
+        self._events.append(events.PeersOffered(self.straggler or "", listed, source))
+
+    def want_peers(self, now: float, failed: tuple[int, ...] = ()) -> None:
+        """(driver) The peers we were given are used up or failed (by origin): ask the
+        tracker for others."""
+        if self.phase is not ReceiverPhase.RECEIVING:
+            return
+        self._peer_exclude.extend(origin for origin in failed
+                                  if origin not in self._peer_exclude)
+        if self.straggler is None:
+            self.straggler = "asked for peers"
+        self._peer_ask_at = now
+
+    def peers_failed(self, now: float) -> None:
+        """(driver) No peer and not the source could serve: back to multicast repair,
+        the sender's own last resort."""
+        self._peering = False
+        self._peer_ask_at = None
+        self._resume_multicast_repair(now)
+
+    def _resume_multicast_repair(self, now: float) -> None:
+        """What is owed stayed scheduled while peers served us: NACK it again."""
+        if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
+            self._nacks.arm(now, self._timing)
+
+    def offer_block(self, block: int, data: bytes | memoryview, now: float) -> Optional[bool]:
+        """(driver) ``data`` came from a peer as block ``block``: True if the manifest
+        vouches for it (it is handed over as BlockDecoded, to be written), False if it does
+        not (the peer lies or is broken: drop it), None if it cannot be used now (not
+        needed any more, or its hash not known yet)."""
+        geometry = self.geometry
+        if geometry is None or self.phase is not ReceiverPhase.RECEIVING \
+                or not 0 <= block < geometry.block_count or self._done[block] == _DONE:
+            return None
+        if len(data) != geometry.block_length(block):
+            self.stats.peer_blocks_rejected += 1
+            return False
+        verdict = self.manifest.check(block, data) if self.manifest is not None else None
+        if verdict is None:
+            return None
+        if not verdict:
+            self.stats.peer_blocks_rejected += 1
+            return False
+        self._mark_done(block)
+        self.stats.blocks_from_peers += 1
+        self._events.append(events.BlockDecoded(block, geometry.offset(block),
+                                                memoryview(data)))
+        self._after_block(now)
+        return True
 
     def _follow_new_sender(self, origin: int, now: float) -> None:
         """The same image from a new sender instance (restarted): follow it.
@@ -722,7 +903,8 @@ class Receiver:
 
     def _send_nack(self, now: float) -> None:
         geometry, timing = self.geometry, self._timing
-        if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING:
+        if geometry is None or timing is None or self.phase is not ReceiverPhase.RECEIVING \
+                or self._peering:
             return
         blocks = self._nacks.take_due(now, wire.MAX_NACK_ENTRIES)
         if not blocks:

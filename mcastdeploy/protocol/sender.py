@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import enum
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -27,6 +27,7 @@ from mcastdeploy.protocol.parity import ProactivePolicy
 from mcastdeploy.protocol.ratecontrol import AutoRate, FixedRate, RateController
 from mcastdeploy.protocol.repair import RepairQueue
 from mcastdeploy.protocol.rtt import GroupRtt
+from mcastdeploy.protocol.tracker import Tracker, TrackerConfig
 
 Address = tuple
 
@@ -80,6 +81,11 @@ class SenderConfig:
     #: Pick the rate from the group's loss reports (protocol/ratecontrol.py), with
     #: ``rate_bps`` as the ceiling, instead of sending at ``rate_bps`` throughout.
     auto_rate: bool = False
+    #: TCP port of the sender's own block server (the source, stragglers' last resort),
+    #: named in every PEERS; 0: none.
+    source_port: int = 0
+    #: How stragglers are spread over seeders (protocol/tracker.py).
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
     def __post_init__(self) -> None:
         if self.rate_bps <= 0:
@@ -107,6 +113,8 @@ class ReceiverRecord:
     packets_lost: int = 0
     packets_received: int = 0
     done: bool = False
+    seed_port: int = 0  # where it serves blocks once finished (STATUS); 0: it does not
+    referred: bool = False  # sent to peers once instead of repair (tracker.should_refer)
 
 
 @dataclass
@@ -138,6 +146,11 @@ class SenderStats:
     pass_bytes_sent: int = 0
     #: Seconds from the pass's start to its last block; 0 until the pass is complete.
     pass_seconds: float = 0.0
+    #: Stragglers' requests for peers, and receivers sent to peers instead of repair.
+    peer_requests: int = 0
+    peer_referrals: int = 0
+    #: Datagrams sent by unicast to one receiver (ANNOUNCE, MANIFEST, PEERS answers).
+    unicast_packets: int = 0
 
 
 _END_COPIES = 3
@@ -207,6 +220,9 @@ class Sender:
                        if config.auto_proactive else None)
         #: Where the proactive parity changed: (first block, parity), ascending.
         self._parity_changes: list[tuple[int, int]] = [(0, config.proactive_repair)]
+        self.tracker = Tracker(config.tracker)
+        #: Unicast answers to single receivers, sent at once (small, and few).
+        self._replies: list[tuple[bytes, Address]] = []
 
     # -- the image ----------------------------------------------------------------------
 
@@ -293,7 +309,7 @@ class Sender:
             return
         header, body = packet.header, packet.body
         if isinstance(body, (wire.Announce, wire.Data, wire.End, wire.RepairNotice,
-                             wire.Manifest)):
+                             wire.Manifest, wire.Peers)):
             # Our own multicast looped back, or another sender on our group: not for us.
             if header.origin != self.origin:
                 self.stats.foreign_packets += 1
@@ -305,9 +321,13 @@ class Sender:
         if isinstance(body, (wire.Nack, wire.Status)):
             self._rtt_echo(body.echo_us, body.hold_us, now)
         if isinstance(body, wire.Nack) and header.flags & wire.Flags.MANIFEST:
-            self._on_manifest_request(body, now)
+            self._on_manifest_request(body, now,
+                                      addr if header.flags & wire.Flags.REPLY else None)
         elif isinstance(body, wire.Nack):
-            self._on_nack(body, now)
+            if not self._refer(header.origin, record, addr, now):
+                self._on_nack(body, now)
+        elif isinstance(body, wire.PeerRequest):
+            self._on_peer_request(header.origin, body, addr, now)
         elif isinstance(body, wire.Status):
             self.stats.status_received += 1
             if body.node_id:
@@ -316,6 +336,11 @@ class Sender:
             record.blocks_done = body.blocks_done
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
+            record.seed_port = body.seed_port
+            self.tracker.report(header.origin, addr[0], body.seed_port,
+                                body.state is wire.ReceiverState.DONE)
+            if header.flags & wire.Flags.REPLY:
+                self._reply_announce(addr, now)
             self.rate.report(header.origin, body.packets_received, body.packets_lost)
             if self.parity is not None:
                 self.parity.report(header.origin, body.packets_received, body.packets_lost)
@@ -328,6 +353,8 @@ class Sender:
                 record.done = True
                 record.state = wire.ReceiverState.DONE
                 record.blocks_done = self.geometry.block_count
+                self.tracker.release(header.origin)
+                self.tracker.report(header.origin, addr[0], record.seed_port, True)
                 self._events.append(events.ReceiverDone(
                     header.origin, self.checksum is None or body.checksum == self.checksum))
                 if self._all_done():
@@ -366,6 +393,9 @@ class Sender:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out: list[tuple[bytes, Address]] = []
         group = self.config.group
+        if self._replies:
+            out, self._replies = self._replies, []
+            self.stats.unicast_packets += len(out)
         if self.state is SenderState.FINISHED:
             while self._end_remaining:
                 self._end_remaining -= 1
@@ -468,6 +498,7 @@ class Sender:
         self._origin_of_node[node] = origin
         if previous is not None and previous != origin and previous in self.receivers:
             del self.receivers[previous]
+            self.tracker.forget(previous)
             self.stats.receivers_restarted += 1
 
     def _fits_image(self, body: wire.packets.Body) -> bool:
@@ -502,8 +533,7 @@ class Sender:
             return head + payload
         return self._protection.seal(head, payload)
 
-    def _announce(self, now: float) -> bytes:
-        flags = wire.Flags.NONE
+    def _announce(self, now: float, flags: wire.Flags = wire.Flags.NONE) -> bytes:
         if self.checksum is not None:
             flags |= wire.Flags.CHECKSUM_KNOWN
         if self.state is SenderState.WAITING:
@@ -606,6 +636,41 @@ class Sender:
             else:
                 self.stats.nack_entries_suppressed += 1
 
+    # -- the tracker: stragglers sent to peers --------------------------------------------
+
+    def _reply_announce(self, addr: Address, now: float) -> None:
+        """A receiver that hears nothing of the group (or not yet): the ANNOUNCE by
+        unicast, so that it can join, and tell that only the group is silent."""
+        if self.state is not SenderState.FINISHED:
+            self._replies.append((self._announce(now, wire.Flags.REPLY), addr))
+
+    def _peers_answer(self, straggler: int, addr: Address, now: float,
+                      exclude: tuple[int, ...] = ()) -> None:
+        peers = self.tracker.peers_for(straggler, now, exclude)
+        self._replies.append((self._encode(wire.Peers(tuple(peers), self.config.source_port),
+                                           wire.Flags.REPLY), addr))
+
+    def _on_peer_request(self, origin: int, request: wire.PeerRequest, addr: Address,
+                         now: float) -> None:
+        self.stats.peer_requests += 1
+        if self.state is SenderState.FINISHED:
+            return
+        self._last_request = now  # a straggler at work keeps the session open
+        self._peers_answer(origin, addr, now, request.exclude)
+
+    def _refer(self, origin: int, record: ReceiverRecord, addr: Address, now: float) -> bool:
+        """After the pass, send a receiver that still lacks much of the image to peers
+        rather than repeat it on the group (once: one that keeps asking gets repair)."""
+        if record.referred or self.state is not SenderState.REPAIRING \
+                or not self.tracker.should_refer(self.geometry.block_count - record.blocks_done,
+                                                 self.geometry.block_count, True):
+            return False
+        record.referred = True
+        self.stats.peer_referrals += 1
+        self._last_request = now
+        self._peers_answer(origin, addr, now)
+        return True
+
     def _proactive_of(self, block: int) -> int:
         """The proactive parity ``block`` had (or will have) in the pass."""
         index = bisect.bisect_right(self._parity_changes, (block, wire.MAX_SYMBOL_ID + 1)) - 1
@@ -664,12 +729,22 @@ class Sender:
         self._manifest_queue.extend(chunks)
         self._manifest_queued.update(chunks)
 
-    def _on_manifest_request(self, nack: wire.Nack, now: float) -> None:
+    def _on_manifest_request(self, nack: wire.Nack, now: float,
+                             reply_to: Optional[Address] = None) -> None:
         """A receiver lacks hashes: multicast the chunks it names (once, if already queued)."""
         self.stats.manifest_requests += 1
         if self.manifest is None or self.state is SenderState.FINISHED:
             return
         self._last_request = now  # a receiver still at work, as for any NACK
+        if reply_to is not None:
+            # A straggler's: only it needs these, so they go to it alone, at once.
+            for first, _ in nack.needs[:wire.packets.MAX_UNICAST_CHUNKS]:
+                index, offset = divmod(first, CHUNK_BLOCKS)
+                if not offset and index < self.manifest.known_chunks:
+                    chunk_first, hashes = self.manifest.chunk(index)
+                    self._replies.append((self._encode(wire.Manifest(chunk_first, hashes),
+                                                       wire.Flags.REPLY), reply_to))
+            return
         for first, _ in nack.needs:
             index, offset = divmod(first, CHUNK_BLOCKS)
             if not offset and index < self.manifest.known_chunks \

@@ -54,6 +54,8 @@ class PacketType(enum.IntEnum):
     END = 6  # sender -> group: the session is over, no more repair will come
     REPAIR_NOTICE = 7  # sender -> group: repair just scheduled, per block (NACK suppression)
     MANIFEST = 8  # sender -> group: SHA-256 of consecutive blocks
+    PEER_REQUEST = 9  # receiver -> sender (unicast): a straggler asks where to fetch blocks
+    PEERS = 10  # sender -> receiver (unicast): finished receivers that serve blocks
 
 
 class Flags(enum.IntFlag):
@@ -69,6 +71,10 @@ class Flags(enum.IntFlag):
     #: ANNOUNCE: the sender multicasts a block manifest (receivers check every block).
     #: NACK: the entries ask for manifest chunks (first block, 1), not for symbols.
     MANIFEST = 0x10
+    #: ANNOUNCE, MANIFEST: sent by unicast to one receiver, not to the group.
+    #: STATUS: this receiver hears nothing of the group: answer by unicast (an ANNOUNCE).
+    #: NACK with MANIFEST: send the chunks by unicast (a straggler; others need none).
+    REPLY = 0x20
 
 
 class Header(NamedTuple):
@@ -306,7 +312,7 @@ class Status:
     """A receiver's progress and the loss it sees, so the sender can watch the group."""
 
     TYPE: ClassVar[PacketType] = PacketType.STATUS
-    BODY: ClassVar[struct.Struct] = struct.Struct("!BxxxIIQQIQIQ")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!BxHIIQQIQIQ")
 
     state: ReceiverState
     blocks_done: int
@@ -319,15 +325,18 @@ class Status:
     #: The receiver's node (machine and target), the same across its restarts; 0: unknown.
     #: Lets the sender tell a restarted receiver from a new one (origins are per run).
     node_id: int = 0
+    #: TCP port where this receiver serves the blocks it holds to stragglers (its peer
+    #: block server, protocol/peering.py), on the address the STATUS came from; 0: none.
+    seed_port: int = 0
 
     def body(self) -> bytes:
-        return self.BODY.pack(self.state, self.blocks_done, self.block_count,
+        return self.BODY.pack(self.state, self.seed_port, self.blocks_done, self.block_count,
                               self.packets_received, self.packets_lost, self.nacks_sent,
                               self.echo_us, self.hold_us, self.node_id)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Status":
-        (state, done, count, received, lost, nacks, echo,
+        (state, seed_port, done, count, received, lost, nacks, echo,
          hold, node) = _unpack_exact(cls.BODY, body, "STATUS")
         try:
             receiver_state = ReceiverState(state)
@@ -335,7 +344,8 @@ class Status:
             raise WireError(f"STATUS: unknown state {state}") from None
         if done > count:
             raise WireError("STATUS: more blocks done than exist")
-        return cls(receiver_state, done, count, received, lost, nacks, echo, hold, node)
+        return cls(receiver_state, done, count, received, lost, nacks, echo, hold, node,
+                   seed_port)
 
 
 @dataclass(frozen=True)
@@ -372,11 +382,110 @@ class End:
         return cls()
 
 
-Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest]
+#: Manifest chunks a sender answers by unicast for one NACK (REPLY flag) at most: the
+#: answer goes out at once, unpaced.
+MAX_UNICAST_CHUNKS = 16
+#: Origins a straggler asks the tracker to leave out (peers that failed it) at most.
+MAX_PEER_EXCLUDES = 32
+_ORIGIN = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class PeerRequest:
+    """A straggler asks the sender (the tracker) for peers to fetch its missing blocks from.
+
+    ``blocks_missing`` lets the tracker judge how much it lacks; ``exclude`` names peers
+    (by origin) that failed it already, so that the next list is of others.
+    """
+
+    TYPE: ClassVar[PacketType] = PacketType.PEER_REQUEST
+    BODY: ClassVar[struct.Struct] = struct.Struct("!IB")
+
+    blocks_missing: int
+    exclude: tuple[int, ...] = ()
+
+    def body(self) -> bytes:
+        if len(self.exclude) > MAX_PEER_EXCLUDES:
+            raise WireError(f"PEER_REQUEST: {len(self.exclude)} excluded, "
+                            f"{MAX_PEER_EXCLUDES} allowed")
+        return (self.BODY.pack(self.blocks_missing, len(self.exclude))
+                + b"".join(_ORIGIN.pack(origin) for origin in self.exclude))
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "PeerRequest":
+        if len(body) < cls.BODY.size:
+            raise WireError("PEER_REQUEST: truncated")
+        missing, count = cls.BODY.unpack_from(body)
+        if count > MAX_PEER_EXCLUDES:
+            raise WireError(f"PEER_REQUEST: {count} excluded, {MAX_PEER_EXCLUDES} allowed")
+        if len(body) != cls.BODY.size + count * _ORIGIN.size:
+            raise WireError("PEER_REQUEST: length does not match its count")
+        return cls(missing, tuple(origin for (origin,) in
+                                  _ORIGIN.iter_unpack(body[cls.BODY.size:])))
+
+
+class PeerAddress(NamedTuple):
+    """Where one seeder serves blocks: IPv4 host, TCP port, and its origin (to name it)."""
+
+    host: str
+    port: int
+    origin: int
+
+
+PEER_ENTRY = struct.Struct("!4sHI")
+PEERS_HEAD = struct.Struct("!HB")
+#: Peers in one PEERS packet at most: a short list, so that stragglers spread out.
+MAX_PEERS = 16
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The tracker's answer to a straggler: seeders to fetch from, and the sender's own
+    block server (``source_port``, on the sender's address; 0: none) as the last resort.
+    An empty list says no seeder can serve now."""
+
+    TYPE: ClassVar[PacketType] = PacketType.PEERS
+
+    peers: tuple[PeerAddress, ...]
+    source_port: int = 0
+
+    def body(self) -> bytes:
+        if len(self.peers) > MAX_PEERS:
+            raise WireError(f"PEERS: {len(self.peers)} peers, {MAX_PEERS} allowed")
+        parts = [PEERS_HEAD.pack(self.source_port, len(self.peers))]
+        for peer in self.peers:
+            try:
+                host = ipaddress.IPv4Address(peer.host)
+            except ValueError:
+                raise WireError(f"PEERS: {peer.host!r} is not an IPv4 address") from None
+            parts.append(PEER_ENTRY.pack(host.packed, peer.port, peer.origin))
+        return b"".join(parts)
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> "Peers":
+        if len(body) < PEERS_HEAD.size:
+            raise WireError("PEERS: truncated")
+        source_port, count = PEERS_HEAD.unpack_from(body)
+        if count > MAX_PEERS:
+            raise WireError(f"PEERS: {count} peers, {MAX_PEERS} allowed")
+        if len(body) != PEERS_HEAD.size + count * PEER_ENTRY.size:
+            raise WireError("PEERS: length does not match its count")
+        peers = []
+        for packed, port, origin in PEER_ENTRY.iter_unpack(body[PEERS_HEAD.size:]):
+            host = ipaddress.IPv4Address(packed)
+            if port == 0 or host.is_multicast or host.is_unspecified \
+                    or host == ipaddress.IPv4Address("255.255.255.255"):
+                raise WireError(f"PEERS: {host}:{port} is no address to connect to")
+            peers.append(PeerAddress(str(host), port, origin))
+        return cls(tuple(peers), source_port)
+
+
+Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest, PeerRequest, Peers]
 
 _PACKET_TYPES = {int(member): member for member in PacketType}
 _BODY_TYPES: dict[PacketType, type] = {
-    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest)
+    cls.TYPE: cls for cls in (Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest,
+                              PeerRequest, Peers)
 }
 
 

@@ -109,6 +109,11 @@ class SessionSpec:
     image_format: str = "raw"
     #: Encrypt payloads too, not only authenticate them (images with secrets in them).
     encrypt: bool = False
+    #: The sender's unicast address, "IPv4:port" (the sender binds that port): receivers
+    #: report there before they hear any ANNOUNCE, so that one behind a switch or firewall
+    #: that drops the group still joins, by unicast, and fetches from peers
+    #: (docs/peers.rst).  None: receivers learn the address from ANNOUNCE only.
+    sender: Optional[str] = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -117,6 +122,14 @@ class SessionSpec:
     @property
     def session_number(self) -> int:
         return int(self.session_id, 16)
+
+    @property
+    def sender_address(self) -> Optional[tuple[str, int]]:
+        """``sender`` as (host, port), or None."""
+        if self.sender is None:
+            return None
+        host, _, port = self.sender.rpartition(":")
+        return host, int(port)
 
     @property
     def key_bytes(self) -> bytes:
@@ -245,3 +258,19 @@ def _validate(spec: SessionSpec) -> None:
                         f"{', '.join(IMAGE_FORMATS)}")
     if spec.image_size is not None:
         _check_int("image_size", spec.image_size, 1, 2 ** 63 - 1)
+    if spec.sender is not None:
+        _check_sender(spec.sender)
+
+
+def _check_sender(text: Any) -> None:
+    problem = "session spec field 'sender' must be IPV4:PORT, the sender's unicast address"
+    if not isinstance(text, str):
+        raise SpecError(problem)
+    host, colon, port = text.rpartition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise SpecError(problem) from None
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or address.is_multicast or address.is_unspecified:
+        raise SpecError(problem)

@@ -173,6 +173,9 @@ def session() -> None:
               help="Pin this image's size and SHA-256 in the spec.")
 @click.option("--encrypt", is_flag=True, default=None,
               help="Encrypt the image on the wire, not only authenticate every packet.")
+@click.option("--sender", metavar="IPV4:PORT",
+              help="The sender's unicast address (it binds that port): receivers that hear "
+                   "no multicast still join through it and fetch from peers.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the spec here (mode 0600) instead of printing it.")
 @_one_line_errors
@@ -180,7 +183,7 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                 rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
-                encrypt: Optional[bool], output: Optional[str]) -> None:
+                encrypt: Optional[bool], sender: Optional[str], output: Optional[str]) -> None:
     """Write a new session spec (JSON) with a fresh session id and key."""
     if group is not None:
         check_group(group)
@@ -197,7 +200,7 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        symbol_size=symbol_size, block_symbols=block_symbols,
                        proactive_mode=proactive_repair[0] if proactive_repair else None,
                        proactive_repair=proactive_repair[1] if proactive_repair else None,
-                       encrypt=encrypt, **pinned)
+                       encrypt=encrypt, sender=sender, **pinned)
     if output:
         spec.save(output)
     else:
@@ -298,18 +301,24 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @click.option("--resume", is_flag=True,
               help="The target may already hold part of the image (a restarted receiver): "
                    "check it block by block against the manifest and fetch only the rest.")
+@click.option("--seed-time", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Serve the image to stragglers (peers that joined late or hear no "
+                   "multicast) while receiving and this many seconds after finishing, or "
+                   "until the sender ends the session; 0: do not seed.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
-def recv(session_path: str, timeout: float, resume: bool, group: Optional[str],
+def recv(session_path: str, timeout: float, resume: bool, seed_time: float,
+         group: Optional[str],
          port: Optional[int], interface: Optional[str], rate: Optional[RateSetting],
          as_json: bool, progress: str, target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("recv", progress, as_json,
-                    functools.partial(run_recv, spec, target, timeout=timeout, resume=resume))
+                    functools.partial(run_recv, spec, target, timeout=timeout, resume=resume,
+                                      seed_time=seed_time))
 
 
 @main.command()

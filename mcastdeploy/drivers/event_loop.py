@@ -39,6 +39,7 @@ class EventLoop:
                  finished: Callable[[], bool],
                  before_send: Optional[Callable[[], None]] = None,
                  on_tick: Optional[Callable[[float], None]] = None,
+                 readers: Sequence[tuple[socket.socket, Callable[[float], None]]] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.protocol = protocol
         self.sockets = list(sockets)
@@ -48,12 +49,17 @@ class EventLoop:
         self.before_send = before_send
         self.on_tick = on_tick
         self.clock = clock
+        #: Other sockets to watch, each with what to call when readable (e.g. the wake-up
+        #: socket of threads that hand work to the protocol, which only this thread touches).
+        self.readers = list(readers)
         self.send_errors = 0
 
     def run(self, deadline: Optional[float] = None) -> None:
         with selectors.DefaultSelector() as selector:
             for sock in self.sockets:
                 selector.register(sock, selectors.EVENT_READ)
+            for sock, callback in self.readers:
+                selector.register(sock, selectors.EVENT_READ, callback)
             now = self.clock()
             self.protocol.start(now)
             self._step(now)
@@ -67,7 +73,10 @@ class EventLoop:
                 ready = selector.select(sleep)
                 now = self.clock()
                 for key, _ in ready:
-                    self._read(key.fileobj, now)  # type: ignore[arg-type]
+                    if key.data is not None:
+                        key.data(now)
+                    else:
+                        self._read(key.fileobj, now)  # type: ignore[arg-type]
                 timer = self.protocol.get_timer()
                 if timer is not None and now >= timer:
                     self.protocol.handle_timer(now)

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.memory import peak_rss_mb
+from mcastdeploy.drivers.peer_server import BlockServer
+from mcastdeploy.drivers.straggling import Straggling
 from mcastdeploy.drivers.target import Target, TargetError, check_target
 from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicast_socket,
                                      resolve_interface)
@@ -57,16 +59,30 @@ class RecvSummary:
     rejected: dict
     #: Peak resident memory of the process, MB (None where /proc does not say).
     peak_rss_mb: Optional[float]
+    #: Where the image's bytes came from: the group, peers, the source (last resort).
+    bytes_from_multicast: int = 0
+    bytes_from_peers: int = 0
+    bytes_from_source: int = 0
+    #: Blocks peers served that the manifest refused (each dropped its peer).
+    peer_blocks_rejected: int = 0
+    #: Why this receiver fetched from peers ("" if it did not).
+    straggler: str = ""
+    #: Bytes this receiver served to stragglers as a seeder.
+    bytes_seeded: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "recv"}
 
 
 def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
-             resume: bool = False, on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
+             resume: bool = False, on_progress: Optional[Callable[[RecvProgress], None]] = None,
+             seed_time: float = 0.0) -> RecvSummary:
     """Receive the session's image into ``target_path``; verified before it says ok.
 
-    Raises NetworkError/TargetError for unusable settings (before anything is written).
+    With ``seed_time``, serve the verified blocks to stragglers (docs/peers.rst) while
+    receiving and for that many seconds after finishing, or until the sender ends the
+    session.  Raises NetworkError/TargetError for unusable settings (before anything is
+    written).
     """
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
@@ -75,8 +91,15 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
     try:
         unicast_sock = open_unicast_socket(interface)
         try:
-            return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
-                        on_progress)
+            server = (BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
+                                  host=unicast_sock.getsockname()[0])
+                      if seed_time > 0 else None)
+            try:
+                return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
+                            on_progress, server, seed_time)
+            finally:
+                if server is not None:
+                    server.close()
         finally:
             unicast_sock.close()
     finally:
@@ -97,7 +120,7 @@ def node_id(target_path: str, local_host: str) -> int:
 
 
 def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
-                           now: float) -> None:
+                           now: float, held: Optional[bytearray] = None) -> None:
     """Blocks the target already holds, as the manifest says they should be, need not come
     again: after a restart only what is missing or wrong is fetched."""
     geometry, manifest = receiver.geometry, receiver.manifest
@@ -110,39 +133,56 @@ def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
         if manifest.check(block, data):
             target.keep(offset, data)
             receiver.block_on_target(block, now)
+            if held is not None:
+                held[block] = 1
 
 
 def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
-         unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
+         unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]],
+         server: Optional[BlockServer], seed_time: float) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.disk_checksum,
                                        timeout=timeout, key=spec.key_bytes,
                                        encrypt=spec.encrypt, require_manifest=True,
                                        resume=resume,
                                        node_id=node_id(target_path,
-                                                       unicast_sock.getsockname()[0])),
+                                                       unicast_sock.getsockname()[0]),
+                                       sender_hint=spec.sender_address,
+                                       seed_port=server.port if server else 0),
                         origin=secrets.randbits(32))
+    straggling = Straggling(spec, receiver)
+    #: A byte per block: 1 once it is verified on the target (what the seeder serves).
+    held = bytearray()
     started = time.monotonic()
     target: Optional[Target] = None
     outcome: list[events.Event] = []
 
     def on_event(event: object, now: float) -> None:
-        nonlocal target
+        nonlocal target, held
         if isinstance(event, events.BlockDecoded):
             assert target is not None
             target.write(event.offset, event.data)
+            held[event.block] = 1
         elif isinstance(event, events.BlockIsZero):
             assert target is not None
             target.zero(event.offset, event.length)
+            held[event.block] = 1
         elif isinstance(event, events.SessionJoined):
             size = event.geometry.image_size
             if spec.disk_size is not None and size != spec.disk_size:
                 raise TargetError(f"the sender's image is {size} bytes, the session spec "
                                   f"says {spec.disk_size}")
             target = Target(target_path, size)
-        elif isinstance(event, events.HashesLearned) and resume:
-            assert target is not None
-            keep_what_target_holds(receiver, target, event.blocks, now)
+            held = bytearray(event.geometry.block_count)
+            if server is not None:
+                server.serve(target_path, event.geometry, held)
+        elif isinstance(event, events.HashesLearned):
+            if resume:
+                assert target is not None
+                keep_what_target_holds(receiver, target, event.blocks, now, held)
+            straggling.on_event(event, now)
+        elif isinstance(event, events.PeersOffered):
+            straggling.on_event(event, now)
         elif isinstance(event, events.AllBlocksDecoded):
             assert target is not None
             receiver.image_verified(target.finish(), now)
@@ -154,13 +194,17 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
             on_progress(_progress(receiver, now - started))
 
     loop = EventLoop(receiver, [group_sock, unicast_sock], unicast_sock, on_event=on_event,
-                     on_tick=progress,
+                     on_tick=progress, readers=[straggling.reader],
                      finished=lambda: receiver.phase in (ReceiverPhase.DONE,
                                                          ReceiverPhase.FAILED)
                      and receiver.get_timer() is None)
     try:
         loop.run()
+        straggling.close()
+        if server is not None and receiver.phase is ReceiverPhase.DONE:
+            _seed(loop, receiver, seed_time)
     finally:
+        straggling.close()
         if target is not None:
             target.close()
     seconds = time.monotonic() - started
@@ -186,7 +230,24 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         sha256=result.checksum.hex() if ok else "",  # type: ignore[union-attr]
         rejected=rejected(stats),
         peak_rss_mb=peak_rss_mb(),
+        bytes_from_multicast=max(0, (target.bytes_written if target else 0)
+                                 - straggling.bytes_from_peers - straggling.bytes_from_source),
+        bytes_from_peers=straggling.bytes_from_peers,
+        bytes_from_source=straggling.bytes_from_source,
+        peer_blocks_rejected=straggling.peer_blocks_rejected,
+        straggler=receiver.straggler or "",
+        bytes_seeded=server.bytes_served if server else 0,
     )
+
+
+def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
+    """Finished: keep serving stragglers for ``seed_time`` seconds, or until the sender's
+    END says nobody is left to serve (the block server runs in its own threads; the
+    loop only listens for that END)."""
+    until = time.monotonic() + seed_time
+    loop.finished = lambda: receiver.session_over or time.monotonic() >= until
+    loop.readers = []
+    loop.run()
 
 
 def _progress(receiver: Receiver, elapsed: float) -> RecvProgress:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.memory import peak_rss_mb
+from mcastdeploy.drivers.peer_server import BlockServer
 from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
@@ -56,6 +57,12 @@ class SendSummary:
     rejected: dict
     #: Peak resident memory of the process, MB (None where /proc does not say).
     peak_rss_mb: Optional[float]
+    #: Stragglers (docs/peers.rst): requests for peers answered, receivers sent to peers
+    #: instead of repair, and the bytes the sender's own block server (the last resort)
+    #: sent them.
+    peer_requests: int = 0
+    peer_referrals: int = 0
+    source_bytes_served: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -79,10 +86,17 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
         checksum, block_hashes = image.digests(geometry.block_bytes)
         if spec.disk_checksum is not None and checksum != spec.disk_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
-        sock = open_sender_socket(interface, spec.ttl)
+        sender_port = spec.sender_address[1] if spec.sender_address else 0
+        sock = open_sender_socket(interface, spec.ttl, sender_port)
         try:
-            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, min_receivers,
-                        wait, linger, on_progress)
+            # The last resort for stragglers no peer can serve: the image, from here.
+            with BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
+                             host=interface.address) as source:
+                source.serve(image_path, geometry)
+                summary = _run(spec, image, checksum, SenderManifest(block_hashes), sock,
+                               min_receivers, wait, linger, on_progress, source.port)
+                summary.source_bytes_served = source.bytes_served
+                return summary
         finally:
             sock.close()
     finally:
@@ -91,7 +105,8 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
 
 def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest, sock,
          min_receivers: int, wait: Optional[float], linger: float,
-         on_progress: Optional[Callable[[SendProgress], None]]) -> SendSummary:
+         on_progress: Optional[Callable[[SendProgress], None]],
+         source_port: int = 0) -> SendSummary:
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
         session_id=spec.session_number,
@@ -109,6 +124,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         reply_port=reply_port,
         key=spec.key_bytes,
         encrypt=spec.encrypt,
+        source_port=source_port,
     )
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
                     manifest=manifest)
@@ -151,7 +167,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         receivers=known, receivers_done=done, sha256=checksum.hex(),
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
         pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
-        peak_rss_mb=peak_rss_mb())
+        peak_rss_mb=peak_rss_mb(), peer_requests=stats.peer_requests,
+        peer_referrals=stats.peer_referrals)
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

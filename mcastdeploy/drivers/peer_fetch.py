@@ -1,0 +1,254 @@
+"""A straggler's fetcher: missing blocks from several peers in parallel, with failover.
+
+One thread per peer connection (at most ``parallel`` at once; further peers wait as
+spares).  Each takes the next run of wanted blocks, asks for it (protocol/peering.py),
+and passes every block that arrives to the receiver's event loop through ``results``,
+waking it with ``wake``.  Nothing is written here: the loop thread checks each block
+against the manifest (Receiver.offer_block) and reports a bad one with :meth:`rejected`,
+which drops that peer and wants the block again from another.
+
+A peer that cannot be reached, stalls for ``timeout`` seconds, breaks the protocol or
+closes the connection gives its unfinished blocks back to the others.  When no peer is
+left while blocks are still wanted, ``("exhausted", failed origins)`` goes into
+``results`` once: the driver then asks the tracker for more peers or turns to the source.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.peering import (MAX_REQUEST_BLOCKS, NONCE_BYTES, BlockReceived,
+                                          NotHeld, PeerClient, PeerError)
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 1 << 18
+
+
+@dataclass(eq=False)
+class Peer:
+    host: str
+    port: int
+    origin: int
+    #: The sender's own block server: the last resort.
+    source: bool = False
+    failed: bool = False
+    bytes_received: int = 0
+    blocks: list[int] = field(default_factory=list)  # in flight on this peer
+
+    def __str__(self) -> str:
+        return f"{'source' if self.source else 'peer'} {self.host}:{self.port}"
+
+
+#: (peer, block, data) for a block that arrived, or ("exhausted", failed origins).
+Result = Union[tuple[Peer, int, bytes], tuple[str, tuple[int, ...]]]
+
+
+class PeerFetcher:
+    def __init__(self, secret: bytes, session_id: int, *, encrypt: bool,
+                 geometry: ImageGeometry, wake: Callable[[], None], parallel: int = 4,
+                 batch: int = 16, timeout: float = 5.0) -> None:
+        self._secret = secret
+        self._session_id = session_id
+        self._encrypt = encrypt
+        self._geometry = geometry
+        self._wake = wake
+        self._parallel = parallel
+        self._batch = min(batch, MAX_REQUEST_BLOCKS)
+        self._timeout = timeout
+        self._lock = threading.Condition()
+        self._pending: deque[int] = deque()
+        self._wanted: set[int] = set()  # pending or in flight, not yet accepted
+        self._spares: deque[Peer] = deque()
+        self._active: list[Peer] = []
+        self._known: set[tuple[str, int]] = set()
+        self._failed: list[int] = []
+        self._exhausted_told = False
+        self._closed = False
+        self.results: "queue.SimpleQueue[Result]" = queue.SimpleQueue()
+
+    # -- what the loop thread calls ----------------------------------------------------------
+
+    def want(self, blocks: Iterable[int]) -> None:
+        """Blocks to fetch (those already wanted are ignored)."""
+        with self._lock:
+            added = False
+            for block in blocks:
+                if block not in self._wanted:
+                    self._wanted.add(block)
+                    self._pending.append(block)
+                    added = True
+            if added:
+                self._exhausted_told = False
+                self._lock.notify_all()
+            self._start_workers()
+            self._check_exhausted()
+
+    def add_peers(self, peers: Iterable[tuple[str, int, int]], *, source: bool = False) -> int:
+        """Peers to fetch from, (host, port, origin); those seen before are ignored.
+        Returns how many are new."""
+        new = 0
+        with self._lock:
+            for host, port, origin in peers:
+                if (host, port) in self._known:
+                    continue
+                self._known.add((host, port))
+                self._spares.append(Peer(host, port, origin, source=source))
+                new += 1
+            if new:
+                self._exhausted_told = False
+            self._start_workers()
+        return new
+
+    def accepted(self, block: int) -> None:
+        """The receiver took ``block`` (verified, or no longer needed)."""
+        with self._lock:
+            self._wanted.discard(block)
+
+    def rejected(self, peer: Peer, block: int) -> None:
+        """``block`` from ``peer`` did not match the manifest: drop the peer, want the
+        block again from another."""
+        with self._lock:
+            if not peer.failed:
+                log.warning("%s served a block that does not match the manifest; dropped",
+                            peer)
+                self._fail(peer)
+            if block in self._wanted and block not in peer.blocks:
+                self._pending.appendleft(block)
+            self._lock.notify_all()
+            self._start_workers()
+            self._check_exhausted()
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._wanted)
+
+    @property
+    def idle(self) -> bool:
+        """No peer is fetching or waiting to."""
+        with self._lock:
+            return not self._active and not self._spares
+
+    @property
+    def failed_origins(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(self._failed)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        """(lock held) Put spares to work while there is room and work."""
+        while self._spares and len(self._active) < self._parallel and self._pending \
+                and not self._closed:
+            peer = self._spares.popleft()
+            self._active.append(peer)
+            threading.Thread(target=self._work, args=(peer,), daemon=True,
+                             name=f"fetch-{peer.host}").start()
+
+    def _fail(self, peer: Peer) -> None:
+        """(lock held) ``peer`` is done for: its blocks in flight go back to the others."""
+        peer.failed = True
+        if peer.origin not in self._failed:
+            self._failed.append(peer.origin)
+        for block in reversed(peer.blocks):
+            if block in self._wanted:
+                self._pending.appendleft(block)
+        peer.blocks.clear()
+
+    def _check_exhausted(self) -> None:
+        """(lock held) Tell the loop once when blocks are wanted and no peer is left."""
+        if self._pending and not self._active and not self._spares \
+                and not self._exhausted_told and not self._closed:
+            self._exhausted_told = True
+            self.results.put(("exhausted", tuple(self._failed)))
+            self._wake()
+
+    def _take(self, peer: Peer) -> list[int]:
+        """(lock held) The next run of consecutive wanted blocks, up to a batch."""
+        run: list[int] = []
+        while self._pending and len(run) < self._batch:
+            block = self._pending[0]
+            if block not in self._wanted:
+                self._pending.popleft()
+                continue
+            if run and block != run[-1] + 1:
+                break
+            run.append(self._pending.popleft())
+        peer.blocks = list(run)
+        return run
+
+    def _work(self, peer: Peer) -> None:
+        try:
+            self._fetch_from(peer)
+        except (OSError, PeerError) as error:
+            log.warning("%s failed: %s", peer, error)
+            with self._lock:
+                self._fail(peer)
+        finally:
+            with self._lock:
+                if peer in self._active:
+                    self._active.remove(peer)
+                self._start_workers()
+                self._check_exhausted()
+                self._lock.notify_all()
+
+    def _fetch_from(self, peer: Peer) -> None:
+        if peer.source:
+            log.warning("last resort: fetching from the source %s:%d", peer.host, peer.port)
+        channel = PeerClient(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
+                             encrypt=self._encrypt, block_bytes=self._geometry.block_bytes)
+        with socket.create_connection((peer.host, peer.port), timeout=self._timeout) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                with self._lock:
+                    while not self._pending and self._wanted and not peer.failed \
+                            and not self._closed:
+                        self._lock.wait(0.5)  # others' blocks may come back to us
+                    if peer.failed or self._closed or not self._pending:
+                        return
+                    run = self._take(peer)
+                if not run:
+                    continue
+                channel.request(run[0], len(run))
+                conn.sendall(channel.data_to_send())
+                self._receive_run(peer, channel, conn, set(run))
+
+    def _receive_run(self, peer: Peer, channel: PeerClient, conn: socket.socket,
+                     waiting: set[int]) -> None:
+        while waiting:
+            data = conn.recv(RECV_BYTES)
+            if not data:
+                raise OSError("the peer closed the connection")
+            channel.receive_data(data)
+            while (event := channel.next_event()) is not None:
+                if isinstance(event, BlockReceived):
+                    if event.block not in waiting:
+                        raise PeerError(f"block {event.block} was not asked for")
+                    waiting.discard(event.block)
+                    peer.bytes_received += len(event.data)
+                    with self._lock:
+                        if peer.failed:
+                            return
+                        peer.blocks.remove(event.block)
+                    self.results.put((peer, event.block, event.data))
+                    self._wake()
+                elif isinstance(event, NotHeld):
+                    # A seeder holds the whole image; one that does not is no use to us.
+                    raise PeerError(f"blocks {event.first}+{event.count} not held")
+            out = channel.data_to_send()
+            if out:
+                conn.sendall(out)

@@ -1,0 +1,154 @@
+"""A receiver's driver side of straggling: from PEERS to verified blocks on the target.
+
+The receiver (protocol) decides that it is a straggler and asks the tracker; this glue
+runs the :class:`~mcastdeploy.drivers.peer_fetch.PeerFetcher` on what the tracker names,
+feeds it the blocks whose hashes are known, and hands every block that arrives to
+``Receiver.offer_block`` in the event loop's thread: only blocks the manifest vouches
+for become BlockDecoded and are written.  The order of resort:
+
+1. the peers the tracker listed (several at once, failover between them);
+2. more peers: the tracker is asked again, without the ones that failed;
+3. the **last resort**, the source (the sender's own block server), logged as such;
+4. nothing left: multicast repair from the sender (``Receiver.peers_failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+from typing import Optional
+
+from mcastdeploy.drivers.peer_fetch import PeerFetcher
+from mcastdeploy.protocol import events
+from mcastdeploy.protocol.receiver import Receiver
+from mcastdeploy.spec import SessionSpec
+
+log = logging.getLogger(__name__)
+
+#: Times a straggler asks the tracker for fresh peers before turning to the source.
+PEER_ROUNDS = 3
+
+
+class Straggling:
+    def __init__(self, spec: SessionSpec, receiver: Receiver, *, parallel: int = 4,
+                 timeout: float = 5.0) -> None:
+        self._spec = spec
+        self._receiver = receiver
+        self._parallel = parallel
+        self._timeout = timeout
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self.fetcher: Optional[PeerFetcher] = None
+        self._source: Optional[tuple[str, int]] = None
+        self._source_used = False
+        self._rounds = 0
+        self.reason = ""
+        self.bytes_from_peers = 0
+        self.bytes_from_source = 0
+        self.peer_blocks_rejected = 0
+
+    @property
+    def reader(self) -> tuple[socket.socket, object]:
+        """For EventLoop(readers=...): wake-ups from the fetcher's threads."""
+        return self._wake_read, self.drain
+
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_write.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken (full), or closing
+
+    # -- the receiver's events ---------------------------------------------------------
+
+    def on_event(self, event: object, now: float) -> None:
+        if isinstance(event, events.PeersOffered):
+            self._on_peers(event, now)
+        elif isinstance(event, events.HashesLearned) and self.fetcher is not None:
+            self.fetcher.want(self._fetchable(event.blocks))
+
+    def _fetchable(self, blocks: range) -> list[int]:
+        """Blocks still needed whose hash we know (a peer's block is checked against it)
+        and that are not zero (those are made zero, not fetched)."""
+        receiver, manifest = self._receiver, self._receiver.manifest
+        if manifest is None:
+            return []
+        return [block for block in blocks if receiver.needs_block(block)
+                and manifest.hash_of(block) is not None and not manifest.is_zero(block)]
+
+    def _on_peers(self, offer: events.PeersOffered, now: float) -> None:
+        receiver = self._receiver
+        geometry = receiver.geometry
+        if geometry is None:
+            return
+        if self.fetcher is None:
+            self.reason = offer.reason
+            log.warning("straggler (%s): fetching from peers", offer.reason)
+            self.fetcher = PeerFetcher(self._spec.key_bytes, self._spec.session_number,
+                                       encrypt=self._spec.encrypt, geometry=geometry,
+                                       wake=self._wake, parallel=self._parallel,
+                                       timeout=self._timeout)
+            self.fetcher.want(self._fetchable(range(geometry.block_count)))
+        if offer.source is not None:
+            self._source = offer.source
+        new = self.fetcher.add_peers((peer.host, peer.port, peer.origin)
+                                     for peer in offer.peers)
+        if not new and self.fetcher.idle and self.fetcher.outstanding:
+            self._exhausted(now, asked=True)
+
+    def _exhausted(self, now: float, asked: bool = False) -> None:
+        """No peer left to fetch from: more peers, else the source, else multicast."""
+        fetcher = self.fetcher
+        assert fetcher is not None
+        if not asked and self._rounds < PEER_ROUNDS:
+            self._rounds += 1
+            self._receiver.want_peers(now, fetcher.failed_origins)
+            return
+        if self._source is not None and not self._source_used:
+            self._source_used = True
+            host, port = self._source
+            log.warning("last resort: no peer can serve, fetching from the source "
+                        "%s:%d", host, port)
+            fetcher.add_peers([(host, port, 0)], source=True)
+            return
+        log.warning("no peer and not the source can serve: multicast repair")
+        self._receiver.peers_failed(now)
+
+    # -- blocks from the fetcher's threads ---------------------------------------------------
+
+    def drain(self, now: float) -> None:
+        try:
+            while self._wake_read.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        fetcher = self.fetcher
+        if fetcher is None:
+            return
+        while True:
+            try:
+                item = fetcher.results.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "exhausted":
+                self._exhausted(now)
+                continue
+            peer, block, data = item  # type: ignore[misc]
+            verdict = self._receiver.offer_block(block, data, now)
+            if verdict is False:
+                self.peer_blocks_rejected += 1
+                fetcher.rejected(peer, block)  # type: ignore[arg-type]
+                continue
+            fetcher.accepted(block)
+            if verdict:
+                if peer.source:  # type: ignore[union-attr]
+                    self.bytes_from_source += len(data)
+                else:
+                    self.bytes_from_peers += len(data)

@@ -207,8 +207,6 @@ class PeerFetcher:
                 self._lock.notify_all()
 
     def _fetch_from(self, peer: Peer) -> None:
-        if peer.source:
-            log.warning("last resort: fetching from the source %s:%d", peer.host, peer.port)
         channel = PeerClient(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
                              encrypt=self._encrypt, block_bytes=self._geometry.block_bytes)
         with socket.create_connection((peer.host, peer.port), timeout=self._timeout) as conn:

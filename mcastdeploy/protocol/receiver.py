@@ -368,7 +368,10 @@ class Receiver:
         if self._peer_ask_at is not None:
             deadlines.append(self._peer_ask_at)
         if self.phase is ReceiverPhase.RECEIVING and self.straggler is None \
-                and self._unicast_heard is not None:
+                and self._unicast_heard is not None \
+                and self._unicast_heard >= self._group_heard:
+            # Only while the sender's latest word came by unicast: else the deadline
+            # could pass without the rule firing, and wake the driver in a busy loop.
             deadlines.append(self._group_heard + self.config.straggler.group_silence)
         if self.manifest is not None and self.sender_address is not None:
             ask = self.manifest.next_ask()

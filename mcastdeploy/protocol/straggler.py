@@ -46,7 +46,7 @@ class StragglerPolicy:
     def multicast_dead(self, now: float, group_heard: float,
                        unicast_heard: Optional[float]) -> Optional[str]:
         """The sender answers by unicast, yet the group has been silent since."""
-        if unicast_heard is not None and unicast_heard > group_heard \
+        if unicast_heard is not None and unicast_heard >= group_heard \
                 and self.group_silent(now, group_heard):
             return f"no multicast from the sender for {now - group_heard:.1f} s"
         return None

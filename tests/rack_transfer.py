@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 from helpers import sha256_file
@@ -68,13 +68,15 @@ class Transfer:
         self.gone: list[Peer] = []
         self.sender_started: Optional[float] = None
 
-    def _start(self, host: str, argv: list[str], target: Optional[str]) -> Peer:
+    def _start(self, host: str, argv: list[str], target: Optional[str],
+               command: Optional[list[str]] = None) -> Peer:
         # A restarted host keeps the logs of its earlier runs: host.out, host.2.out ...
         runs = 1 + sum(1 for peer in self.gone if peer.host == host)
         stem = host if runs == 1 else f"{host}.{runs}"
         out, err = (str(self.directory / f"{stem}.{kind}") for kind in ("out", "err"))
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = self.rack.exec(host, [sys.executable, "-m", "mcastdeploy", *argv],
+            process = self.rack.exec(host, [sys.executable,
+                                            *(command or ["-m", "mcastdeploy"]), *argv],
                                      stdout=stdout, stderr=stderr, env=ENV)
         peer = Peer(host, process, out, err, target, time.monotonic())
         self.peers[host] = peer
@@ -85,20 +87,24 @@ class Transfer:
         return str(self.directory / f"{host}.raw")
 
     def receive(self, *hosts: str, wait_joined: bool = True, timeout: float = 30.0,
-                resume: bool = False) -> None:
+                resume: bool = False, options: tuple[str, ...] = (),
+                command: Optional[list[str]] = None) -> None:
+        """``recv`` on each host (``options`` added; ``command`` replaces
+        ``-m mcastdeploy``, e.g. a test's hostile variant)."""
         for host in hosts:
             target = self.target_of(host)
             self._start(host, ["recv", "--session", self.spec_path, "--json", "--timeout",
-                               f"{timeout:g}", "--progress", "none",
-                               *(["--resume"] if resume else []), target], target)
+                               f"{timeout:g}", "--progress", "none", *options,
+                               *(["--resume"] if resume else []), target], target, command)
         if wait_joined:  # every receiver listening before the sender starts: fair timing
             self.rack.wait_joined(hosts, self.spec.group, timeout=15)
 
     def send(self, min_receivers: int, progress: str = "none",
-             linger: Optional[float] = None) -> Peer:
+             linger: Optional[float] = None, wait: float = 30.0) -> Peer:
         options = [] if linger is None else ["--linger", f"{linger:g}"]
         peer = self._start("sender", ["send", "--session", self.spec_path,
-                                      "--min-receivers", str(min_receivers), "--wait", "30",
+                                      "--min-receivers", str(min_receivers),
+                                      "--wait", f"{wait:g}",
                                       *options, "--json", "--progress", progress,
                                       self.image], None)
         if self.sender_started is None:  # a restarted sender: times count from the first
@@ -117,11 +123,20 @@ class Transfer:
     def wait_sent(self, fraction: float, timeout: float = 30.0) -> float:
         """Wait (bounded) until the sender's pass (``progress="json"``) has sent
         ``fraction`` of the image; returns the fraction it had reached."""
+        record = self.wait_progress(lambda r: r.get("state") == "sending"
+                                    and r["bytes_done"] >= fraction * self.image_size,
+                                    timeout, "the pass did not get there")
+        return record["bytes_done"] / self.image_size
+
+    def wait_progress(self, reached: Callable[[dict[str, Any]], bool], timeout: float = 30.0,
+                      what: str = "the sender's progress did not get there") -> dict[str, Any]:
+        """Wait (bounded) for the first progress record of the sender
+        (``progress="json"``) for which ``reached`` is true; returns it."""
         sender = self.peers["sender"]
         deadline = time.monotonic() + timeout
-        position, offset, pending = 0, 0, ""
-        while position < fraction * self.image_size:
-            assert time.monotonic() < deadline, f"the pass did not get there\n{self.tails()}"
+        offset, pending = 0, ""
+        while True:
+            assert time.monotonic() < deadline, f"{what}\n{self.tails()}"
             assert sender.process.poll() is None, f"the sender ended early\n{self.tails()}"
             time.sleep(0.02)
             with open(sender.err, encoding="utf-8") as handle:
@@ -132,9 +147,8 @@ class Transfer:
             for line in lines:
                 if line.startswith("{") and line.endswith("}"):
                     record = json.loads(line)
-                    if record.get("state") == "sending":
-                        position = max(position, record["bytes_done"])
-        return position / self.image_size
+                    if reached(record):
+                        return record
 
     def _note_ends(self, now: float) -> None:
         for peer in self.peers.values():

@@ -219,6 +219,9 @@ class Host:
     port: str  # the veth end in the bridge namespace
     loss_percent: float = 0.0
     partitioned: bool = False
+    #: Multicast dropped as it reaches the host (a firewall, or snooping gone wrong):
+    #: unicast still flows.
+    group_dropped: bool = False
 
 
 @dataclass
@@ -514,6 +517,13 @@ class Rack:
                 run(["ip", "-n", entry.namespace, "neigh", "flush", "dev", HOST_IF],
                     check=False)
 
+    def drop_group(self, host: str, on: bool = True) -> None:
+        """Drop every multicast datagram arriving at ``host`` (224.0.0.0/4), or stop."""
+        with self._lock:
+            self.host(host).group_dropped = on
+            self._apply_filters(host)
+            self._save()
+
     def _apply_filters(self, host: str) -> None:
         entry = self.host(host)
         hundredths = round(entry.loss_percent * 100)
@@ -530,6 +540,9 @@ class Rack:
         if entry.partitioned:
             lines += [f'add rule netdev {NFT_TABLE} ingress counter drop comment "partition"',
                       f'add rule netdev {NFT_TABLE} egress counter drop comment "partition"']
+        if entry.group_dropped:
+            lines.append(f"add rule netdev {NFT_TABLE} ingress ip daddr 224.0.0.0/4 counter "
+                         'drop comment "group"')
         if hundredths >= 10000:
             lines.append(f'add rule netdev {NFT_TABLE} ingress counter drop comment "loss"')
         elif hundredths > 0:
@@ -539,10 +552,11 @@ class Rack:
             input="\n".join(lines) + "\n")
 
     def counters(self, host: str) -> dict[str, int]:
-        """Packets counted by the host's filter rules: seen, loss, partition (0 if none)."""
+        """Packets counted by the host's filter rules: seen, loss, partition, group (0 if
+        none)."""
         result = self.run(host, ["nft", "-j", "list", "table", "netdev", NFT_TABLE],
                           check=False)
-        found = {"seen": 0, "loss": 0, "partition": 0}
+        found = {"seen": 0, "loss": 0, "partition": 0, "group": 0}
         if result.returncode != 0:
             return found
         for item in json.loads(result.stdout).get("nftables", []):

@@ -26,8 +26,10 @@ from mcastdeploy.spec import SessionSpec
 
 log = logging.getLogger(__name__)
 
-#: Times a straggler asks the tracker for fresh peers before turning to the source.
+#: Times a straggler asks the tracker for fresh peers, once the pass is over, before it
+#: turns to the source; and the pause before asking again when the tracker named none.
 PEER_ROUNDS = 3
+RETRY_PEERS = 1.0
 
 
 class Straggling:
@@ -107,9 +109,15 @@ class Straggling:
         """No peer left to fetch from: more peers, else the source, else multicast."""
         fetcher = self.fetcher
         assert fetcher is not None
-        if not asked and self._rounds < PEER_ROUNDS:
+        if not self._receiver.pass_complete:
+            # Receivers still in the pass become seeders when they finish: wait for them
+            # (a multicast-dead receiver asks early) rather than load the source.
+            self._receiver.want_peers(now, fetcher.failed_origins, RETRY_PEERS)
+            return
+        if self._rounds < PEER_ROUNDS:
             self._rounds += 1
-            self._receiver.want_peers(now, fetcher.failed_origins)
+            self._receiver.want_peers(now, fetcher.failed_origins,
+                                      0.0 if not asked else RETRY_PEERS)
             return
         if self._source is not None and not self._source_used:
             self._source_used = True

@@ -820,16 +820,22 @@ class Receiver:
             self._resume_multicast_repair(now)
         self._events.append(events.PeersOffered(self.straggler or "", listed, source))
 
-    def want_peers(self, now: float, failed: tuple[int, ...] = ()) -> None:
+    @property
+    def pass_complete(self) -> bool:
+        """The sender said its pass is over: no more seeders are on their way."""
+        return self._pass_complete
+
+    def want_peers(self, now: float, failed: tuple[int, ...] = (), delay: float = 0.0) -> None:
         """(driver) The peers we were given are used up or failed (by origin): ask the
-        tracker for others."""
+        tracker for others in ``delay`` seconds."""
         if self.phase is not ReceiverPhase.RECEIVING:
             return
         self._peer_exclude.extend(origin for origin in failed
                                   if origin not in self._peer_exclude)
         if self.straggler is None:
             self.straggler = "asked for peers"
-        self._peer_ask_at = now
+        self._peer_asks = 0
+        self._peer_ask_at = now + delay
 
     def peers_failed(self, now: float) -> None:
         """(driver) No peer and not the source could serve: back to multicast repair,

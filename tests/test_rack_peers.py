@@ -59,6 +59,7 @@ def test_late_joiners_finish_from_peers_not_from_the_sender(rack, tmp_path, imag
     to_late = sender["bytes_sent"] - before["bytes_sent"]
     assert to_late < 0.01 * len(late) * IMAGE_SIZE, (to_late, sender)
     assert sender["source_bytes_served"] == 0
+    assert 0 < sender["bytes_to_stragglers"] <= to_late
     for host in late:
         summary = summaries[host]
         assert summary["straggler"] == "joined after the multicast pass", summary

@@ -31,6 +31,9 @@ from mcastdeploy.protocol.peering import (MAX_REQUEST_BLOCKS, NONCE_BYTES, Block
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 1 << 18
+#: Blocks arrived but not yet taken by the loop thread, at most: a loop busy with the
+#: multicast must not make the fetcher buffer the image in memory.
+MAX_QUEUED = 64
 
 
 @dataclass(eq=False)
@@ -74,6 +77,7 @@ class PeerFetcher:
         self._exhausted_told = False
         self._closed = False
         self.results: "queue.SimpleQueue[Result]" = queue.SimpleQueue()
+        self._slots = threading.Semaphore(MAX_QUEUED)
 
     # -- what the loop thread calls ----------------------------------------------------------
 
@@ -110,12 +114,14 @@ class PeerFetcher:
 
     def accepted(self, block: int) -> None:
         """The receiver took ``block`` (verified, or no longer needed)."""
+        self._slots.release()
         with self._lock:
             self._wanted.discard(block)
 
     def rejected(self, peer: Peer, block: int) -> None:
         """``block`` from ``peer`` did not match the manifest: drop the peer, want the
         block again from another."""
+        self._slots.release()
         with self._lock:
             if not peer.failed:
                 log.warning("%s served a block that does not match the manifest; dropped",
@@ -238,8 +244,12 @@ class PeerFetcher:
                         raise PeerError(f"block {event.block} was not asked for")
                     waiting.discard(event.block)
                     peer.bytes_received += len(event.data)
+                    while not self._slots.acquire(timeout=0.5):
+                        if self._closed:
+                            return
                     with self._lock:
                         if peer.failed:
+                            self._slots.release()
                             return
                         peer.blocks.remove(event.block)
                     self.results.put((peer, event.block, event.data))

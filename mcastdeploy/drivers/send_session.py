@@ -63,6 +63,10 @@ class SendSummary:
     peer_requests: int = 0
     peer_referrals: int = 0
     source_bytes_served: int = 0
+    #: Everything the sender sent to stragglers alone: its unicast answers (ANNOUNCE,
+    #: manifest, PEERS) and what its block server served.  Multicast repair goes to the
+    #: group and is counted in repairs_sent.
+    bytes_to_stragglers: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -96,6 +100,7 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
                 summary = _run(spec, image, checksum, SenderManifest(block_hashes), sock,
                                min_receivers, wait, linger, on_progress, source.port)
                 summary.source_bytes_served = source.bytes_served
+                summary.bytes_to_stragglers += source.bytes_served
                 return summary
         finally:
             sock.close()
@@ -168,7 +173,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
         pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
         peak_rss_mb=peak_rss_mb(), peer_requests=stats.peer_requests,
-        peer_referrals=stats.peer_referrals)
+        peer_referrals=stats.peer_referrals, bytes_to_stragglers=stats.unicast_bytes)
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

@@ -149,8 +149,10 @@ class SenderStats:
     #: Stragglers' requests for peers, and receivers sent to peers instead of repair.
     peer_requests: int = 0
     peer_referrals: int = 0
-    #: Datagrams sent by unicast to one receiver (ANNOUNCE, MANIFEST, PEERS answers).
+    #: Datagrams (and their bytes) sent by unicast to one receiver: ANNOUNCE, MANIFEST
+    #: and PEERS answers to stragglers and receivers that hear no group.
     unicast_packets: int = 0
+    unicast_bytes: int = 0
 
 
 _END_COPIES = 3
@@ -396,6 +398,7 @@ class Sender:
         if self._replies:
             out, self._replies = self._replies, []
             self.stats.unicast_packets += len(out)
+            self.stats.unicast_bytes += sum(len(datagram) for datagram, _ in out)
         if self.state is SenderState.FINISHED:
             while self._end_remaining:
                 self._end_remaining -= 1

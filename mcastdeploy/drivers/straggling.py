@@ -10,6 +10,11 @@ for become BlockDecoded and are written.  The order of resort:
 2. more peers: the tracker is asked again, without the ones that failed;
 3. the **last resort**, the source (the sender's own block server), logged as such;
 4. nothing left: multicast repair from the sender (``Receiver.peers_failed``).
+
+When the tracker has named no peer at all (nobody seeds), multicast repair comes first
+instead: it is the sender's ordinary job, and one repair round serves every straggler
+that lost the same blocks, where the source would send each its own copy.  Only a
+multicast-dead receiver, which repair cannot reach, goes to the source then.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Straggling:
         self._source: Optional[tuple[str, int]] = None
         self._source_used = False
         self._rounds = 0
+        self._listed = 0  # peers the tracker has named so far
+        self._on_multicast = False  # given back to multicast repair
         self.reason = ""
         self.bytes_from_peers = 0
         self.bytes_from_source = 0
@@ -73,7 +80,8 @@ class Straggling:
     def on_event(self, event: object, now: float) -> None:
         if isinstance(event, events.PeersOffered):
             self._on_peers(event, now)
-        elif isinstance(event, events.HashesLearned) and self.fetcher is not None:
+        elif isinstance(event, events.HashesLearned) and self.fetcher is not None \
+                and not self._on_multicast:
             self.fetcher.want(self._fetchable(event.blocks))
 
     def _fetchable(self, blocks: range) -> list[int]:
@@ -102,6 +110,9 @@ class Straggling:
             self._source = offer.source
         new = self.fetcher.add_peers((peer.host, peer.port, peer.origin)
                                      for peer in offer.peers)
+        self._listed += new
+        if new:
+            self._on_multicast = False
         if not new and self.fetcher.idle and self.fetcher.outstanding:
             self._exhausted(now, asked=True)
 
@@ -109,6 +120,12 @@ class Straggling:
         """No peer left to fetch from: more peers, else the source, else multicast."""
         fetcher = self.fetcher
         assert fetcher is not None
+        if self._on_multicast:
+            return
+        if not self._listed and not self._receiver.multicast_dead:
+            log.warning("no peer seeds: multicast repair from the sender")
+            self._give_up(now)
+            return
         if not self._receiver.pass_complete:
             # Receivers still in the pass become seeders when they finish: wait for them
             # (a multicast-dead receiver asks early) rather than load the source.
@@ -127,6 +144,10 @@ class Straggling:
             fetcher.add_peers([(host, port, 0)], source=True)
             return
         log.warning("no peer and not the source can serve: multicast repair")
+        self._give_up(now)
+
+    def _give_up(self, now: float) -> None:
+        self._on_multicast = True
         self._receiver.peers_failed(now)
 
     # -- blocks from the fetcher's threads ---------------------------------------------------

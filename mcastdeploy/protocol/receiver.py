@@ -208,6 +208,9 @@ class Receiver:
         self._pass_lost = 0
         #: Why we fetch from peers (None: multicast serves us); set once.
         self.straggler: Optional[str] = None
+        #: The sender answers us by unicast, but the group is silent: multicast repair
+        #: cannot reach us either.
+        self.multicast_dead = False
         #: Peers (or the source) are serving us: no symbol NACKs meanwhile.
         self._peering = False
         self._peer_ask_at: Optional[float] = None
@@ -350,6 +353,7 @@ class Receiver:
                 reason = self.config.straggler.multicast_dead(now, self._group_heard,
                                                               self._unicast_heard)
                 if reason is not None:
+                    self.multicast_dead = True
                     self._become_straggler(reason, now)
             if self._peer_ask_at is not None and now >= self._peer_ask_at:
                 self._ask_peers(now)

@@ -73,19 +73,22 @@ def test_tracker_lists_are_short_random_and_spread_within_the_cap() -> None:
     assert len({peers[0].origin for peers in lists}) > 1
 
 
-def test_tracker_leases_expire_and_are_renewed_by_the_same_straggler() -> None:
+def test_tracker_leases_cap_seeders_expire_and_are_renewed_by_the_same_straggler() -> None:
     tracker = seeded_tracker(1, list_size=4, per_seeder=1, lease=10.0)
     assert [p.origin for p in tracker.peers_for(100, 0.0)] == [1]
-    # Busy with straggler 100: another gets it all the same (least loaded, not the
-    # source), while 100 asking again renews its own lease.
-    assert [p.origin for p in tracker.peers_for(101, 1.0)] == [1]
-    tracker.release(101)
+    # Busy with straggler 100: another gets none, and is told that all are busy ...
+    assert tracker.peers_for(101, 1.0) == [] and tracker.all_busy(101, 1.0)
+    # ... while 100 asking again renews its own lease.
     assert [p.origin for p in tracker.peers_for(100, 5.0)] == [1]
+    assert tracker.peers_for(101, 14.0) == []  # renewed at 5 s: busy until 15 s
+    assert [p.origin for p in tracker.peers_for(101, 15.0)] == [1]  # expired
+    tracker.release(101)  # done: free at once
+    assert [p.origin for p in tracker.peers_for(102, 15.0)] == [1]
+    assert not seeded_tracker(0).all_busy(100, 0.0)  # none at all is not "busy"
     two = seeded_tracker(2, list_size=1, per_seeder=1, lease=10.0)
     first = two.peers_for(100, 0.0)[0].origin
     second = two.peers_for(101, 0.0)[0].origin
     assert first != second  # the free one, not the busy one
-    assert two.peers_for(102, 11.0)  # leases over: free again
 
 
 def test_tracker_excludes_failed_peers_and_the_straggler_itself() -> None:
@@ -442,6 +445,36 @@ def test_sender_refers_a_receiver_missing_much_to_peers_instead_of_repair_once()
     assert session.sender.stats.peer_referrals == 1 and session.sender.stats.repairs_requested == 0
     session.sender.receive_datagram(nack, needy, 2.5)  # it asks again: repair this time
     assert session.sender.stats.repairs_requested > 0
+
+
+def test_straggler_told_every_seeder_is_busy_waits_and_asks_again() -> None:
+    session = Session()
+    session.sender.tracker.config.per_seeder = 1
+    group = session.run_pass()
+    seeder(session, group, ("10.0.0.21", 5000), 7021)
+    first, second = make_receiver(5), make_receiver(6)
+    for receiver, address in ((first, ("10.0.0.30", 5000)), (second, ("10.0.0.31", 5000))):
+        receiver.start(1.0)
+        receiver.receive_datagram(session.announce(1.0), SENDER, 1.0)
+        receiver.handle_timer(1.0)
+        session.deliver(receiver, address, 1.0)
+    assert [e.peers for e in drain(first) if isinstance(e, events.PeersOffered)] == [
+        (wire.PeerAddress("10.0.0.21", 7021, 0xB0B1),)]
+    assert [e for e in drain(second) if isinstance(e, events.PeersOffered)] == []
+    session.sender.receive_datagram(wire.encode(SID, first.origin, wire.Done(
+        hashlib.sha256(session.image).digest())), ("10.0.0.30", 5000), 1.2)  # first is done
+    # It waits for peers, asking for no symbols, and asks the tracker again soon.
+    now, asked = 1.0, []
+    while not any(isinstance(p.body, wire.PeerRequest) for p in asked):
+        now = second.get_timer()
+        assert now is not None and now < 3.0
+        second.handle_timer(now)
+        asked = session.deliver(second, ("10.0.0.31", 5000), now)
+        assert not [p for p in asked if isinstance(p.body, wire.Nack)
+                    and not p.header.flags & wire.Flags.MANIFEST]
+    assert now >= 1.0 + second.config.straggler.busy_retry
+    assert [e.peers for e in drain(second) if isinstance(e, events.PeersOffered)] == [
+        (wire.PeerAddress("10.0.0.21", 7021, 0xB0B1),)]
 
 
 def test_finished_receiver_hears_the_end_of_the_session() -> None:

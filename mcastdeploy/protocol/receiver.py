@@ -306,7 +306,7 @@ class Receiver:
             self._on_manifest(body, now)
         elif isinstance(body, wire.Peers):
             self._last_heard = self._unicast_heard = now
-            self._on_peers(body, now)
+            self._on_peers(body, now, bool(header.flags & wire.Flags.WAIT))
         elif isinstance(body, wire.End):
             self._last_heard = now
             if self.phase is ReceiverPhase.RECEIVING:
@@ -810,14 +810,19 @@ class Receiver:
         self._peer_ask_at = self.config.straggler.next_ask(now, self._peer_asks)
         self._peer_asks += 1
 
-    def _on_peers(self, peers: wire.Peers, now: float) -> None:
+    def _on_peers(self, peers: wire.Peers, now: float, wait: bool = False) -> None:
         """The tracker's answer (or its referral instead of repair)."""
         if self.phase is not ReceiverPhase.RECEIVING or self.sender_address is None:
             return
         if self.straggler is None:
             self._become_straggler("referred to peers by the sender", now)
-        self._peer_ask_at = None
         listed = tuple(peer for peer in peers.peers if peer.origin not in self._peer_exclude)
+        if wait and not listed:
+            # Every seeder is busy: ask again soon; meanwhile wait for peers, not repair.
+            self._peering = True
+            self._peer_ask_at = now + self.config.straggler.busy_retry
+            return
+        self._peer_ask_at = None
         source = (self.sender_address[0], peers.source_port) if peers.source_port else None
         self._peering = bool(listed or source)
         if not self._peering:

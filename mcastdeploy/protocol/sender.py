@@ -650,8 +650,11 @@ class Sender:
     def _peers_answer(self, straggler: int, addr: Address, now: float,
                       exclude: tuple[int, ...] = ()) -> None:
         peers = self.tracker.peers_for(straggler, now, exclude)
+        flags = wire.Flags.REPLY
+        if not peers and self.tracker.all_busy(straggler, now, exclude):
+            flags |= wire.Flags.WAIT
         self._replies.append((self._encode(wire.Peers(tuple(peers), self.config.source_port),
-                                           wire.Flags.REPLY), addr))
+                                           flags), addr))
 
     def _on_peer_request(self, origin: int, request: wire.PeerRequest, addr: Address,
                          now: float) -> None:

@@ -13,7 +13,8 @@ for a receiver that lacks most of the image.  A receiver is a straggler when:
   so a receiver whose spec names the sender's address can join without the group at all.
 
 A straggler asks the sender for peers (PEER_REQUEST), again after ``ask_retry`` (doubling
-up to ``ask_retry_max``) until PEERS comes.  Pure functions of their inputs: no clock.
+up to ``ask_retry_max``) until PEERS comes; a PEERS flagged WAIT (every seeder busy)
+makes it ask again after ``busy_retry``.  Pure functions of their inputs: no clock.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class StragglerPolicy:
     group_silence: float = 2.0
     ask_retry: float = 0.25
     ask_retry_max: float = 2.0
+    #: The tracker said every seeder is busy: ask again after this long.
+    busy_retry: float = 0.5
 
     def late_join(self, pass_complete: bool, blocks_missing: int) -> Optional[str]:
         if pass_complete and blocks_missing:

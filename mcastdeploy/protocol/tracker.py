@@ -12,9 +12,11 @@ Policy, and why:
 * **A cap per seeder** (``per_seeder``): a seeder is a node about to boot its image with
   one link; it serves at most that many stragglers at once.  Each listing is a *lease*
   that expires after ``lease`` seconds (a straggler that finished or died does not hold
-  its seeders forever); asking again renews the straggler's leases.  When every seeder is
-  at its cap the list is of the least loaded ones rather than empty: being slow beats
-  sending a straggler to the source.
+  its seeders forever), renewed when the same straggler asks again and ended when it is
+  done.  When every seeder is at its cap the answer is empty and says so (``all_busy``):
+  the straggler asks again shortly, by when stragglers that finished have freed their
+  seeders, and, seeding themselves, added to them.  Sending it to the source instead
+  would load the one machine the seeding is there to spare.
 * **Referring instead of repairing** (``should_refer``): after the pass, a receiver that
   still lacks a large share of the image (``refer_share``) is better served by a peer
   than by multicast repair, which every other receiver would have to hear.
@@ -97,13 +99,18 @@ class Tracker:
         candidates.sort(key=lambda s: s.load(now) - (straggler in s.leases))
         chosen = [s for s in candidates
                   if s.load(now) < self.config.per_seeder or straggler in s.leases]
-        if not chosen:  # all busy: the least loaded all the same, not the source
-            chosen = candidates
         chosen = chosen[:self.config.list_size]
         for seeder in chosen:
             seeder.leases[straggler] = now + self.config.lease
         self.listings += len(chosen)
         return [seeder.address for seeder in chosen]
+
+    def all_busy(self, straggler: int, now: float, exclude: Iterable[int] = ()) -> bool:
+        """Seeders exist for ``straggler`` but every one serves as many as it may."""
+        excluded = set(exclude) | {straggler}
+        candidates = [s for origin, s in self._seeders.items() if origin not in excluded]
+        return bool(candidates) and all(s.load(now) >= self.config.per_seeder
+                                        and straggler not in s.leases for s in candidates)
 
     def release(self, straggler: int) -> None:
         """``straggler`` finished: its leases end now."""

@@ -75,6 +75,9 @@ class Flags(enum.IntFlag):
     #: STATUS: this receiver hears nothing of the group: answer by unicast (an ANNOUNCE).
     #: NACK with MANIFEST: send the chunks by unicast (a straggler; others need none).
     REPLY = 0x20
+    #: PEERS: seeders exist, but each serves as many stragglers as it may: ask again soon
+    #: (the list is empty), rather than turn to the source.
+    WAIT = 0x40
 
 
 class Header(NamedTuple):

@@ -51,7 +51,8 @@ class Peer:
         return f"{'source' if self.source else 'peer'} {self.host}:{self.port}"
 
 
-#: (peer, block, data) for a block that arrived, or ("exhausted", failed origins).
+#: (peer, block, data) for a block that arrived, ("failed", (origin,)) when a peer is
+#: dropped, or ("exhausted", failed origins) when none is left.
 Result = Union[tuple[Peer, int, bytes], tuple[str, tuple[int, ...]]]
 
 
@@ -139,6 +140,12 @@ class PeerFetcher:
             return len(self._wanted)
 
     @property
+    def peers_left(self) -> int:
+        """Peers fetching or waiting to."""
+        with self._lock:
+            return len(self._active) + len(self._spares)
+
+    @property
     def idle(self) -> bool:
         """No peer is fetching or waiting to."""
         with self._lock:
@@ -170,6 +177,8 @@ class PeerFetcher:
         peer.failed = True
         if peer.origin not in self._failed:
             self._failed.append(peer.origin)
+            self.results.put(("failed", (peer.origin,)))
+            self._wake()
         for block in reversed(peer.blocks):
             if block in self._wanted:
                 self._pending.appendleft(block)

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 #: turns to the source; and the pause before asking again when the tracker named none.
 PEER_ROUNDS = 3
 RETRY_PEERS = 1.0
+#: Times a straggler asks for a replacement when a peer fails while others still serve
+#: (keeping its fetch parallel), and below how many peers left it does.
+TOP_UPS = 8
+TOP_UP_BELOW = 2
 
 
 class Straggling:
@@ -51,6 +55,7 @@ class Straggling:
         self._source: Optional[tuple[str, int]] = None
         self._source_used = False
         self._rounds = 0
+        self._top_ups = 0
         self._listed = 0  # peers the tracker has named so far
         self._on_multicast = False  # given back to multicast repair
         self.reason = ""
@@ -168,6 +173,11 @@ class Straggling:
                 return
             if item[0] == "exhausted":
                 self._exhausted(now)
+                continue
+            if item[0] == "failed":
+                if 0 < fetcher.peers_left < TOP_UP_BELOW and self._top_ups < TOP_UPS:
+                    self._top_ups += 1  # one failed, others serve: a replacement
+                    self._receiver.want_peers(now, fetcher.failed_origins)
                 continue
             peer, block, data = item  # type: ignore[misc]
             verdict = self._receiver.offer_block(block, data, now)

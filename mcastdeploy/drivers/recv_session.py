@@ -153,7 +153,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
     straggling = Straggling(spec, receiver)
     #: A byte per block: 1 once it is verified on the target (what the seeder serves).
     held = bytearray()
-    started = time.monotonic()
+    started = finished = time.monotonic()
     target: Optional[Target] = None
     outcome: list[events.Event] = []
 
@@ -200,6 +200,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
                      and receiver.get_timer() is None)
     try:
         loop.run()
+        finished = time.monotonic()  # the transfer's time: seeding after it is not
         straggling.close()
         if server is not None and receiver.phase is ReceiverPhase.DONE:
             _seed(loop, receiver, seed_time)
@@ -207,7 +208,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         straggling.close()
         if target is not None:
             target.close()
-    seconds = time.monotonic() - started
+    seconds = finished - started
     progress(time.monotonic())
     result = outcome[-1] if outcome else events.TransferFailed("stopped")
     stats = receiver.stats

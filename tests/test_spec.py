@@ -82,6 +82,13 @@ def test_replace_ignores_unset_overrides():
     ({"key": "AB" * 32}, "'key'"),
     ({"key": None}, "'key'"),
     ({"encrypt": "yes"}, "'encrypt'"),
+    ({"sender": "10.0.0.1"}, "'sender'"),
+    ({"sender": "10.0.0.1:0"}, "'sender'"),
+    ({"sender": "10.0.0.1:70000"}, "'sender'"),
+    ({"sender": "host:6790"}, "'sender'"),
+    ({"sender": "239.1.1.1:6790"}, "'sender'"),
+    ({"sender": "0.0.0.0:6790"}, "'sender'"),
+    ({"sender": 6790}, "'sender'"),
 ])
 def test_validation(changes, fragment):
     data = json.loads(new_session().to_json()) | changes
@@ -93,3 +100,8 @@ def test_every_new_session_has_its_own_key():
     first, second = new_session(), new_session()
     assert first.key != second.key
     assert len(first.key_bytes) == 32 and first.encrypt is False
+
+
+def test_sender_address():
+    assert new_session().sender_address is None
+    assert new_session(sender="10.99.0.1:6791").sender_address == ("10.99.0.1", 6791)

@@ -110,11 +110,15 @@ class Straggling:
                                        encrypt=self._spec.encrypt, geometry=geometry,
                                        wake=self._wake, parallel=self._parallel,
                                        timeout=self._timeout)
-            self.fetcher.want(self._fetchable(range(geometry.block_count)))
+            first = True
+        else:
+            first = False
         if offer.source is not None:
             self._source = offer.source
         new = self.fetcher.add_peers((peer.host, peer.port, peer.origin)
                                      for peer in offer.peers)
+        if first:  # the peers first: blocks wanted with none would read as exhausted
+            self.fetcher.want(self._fetchable(range(geometry.block_count)))
         self._listed += new
         if new:
             self._on_multicast = False

@@ -175,13 +175,32 @@ def session() -> None:
               help="Encrypt the image on the wire, not only authenticate every packet.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the spec here (mode 0600) instead of printing it.")
+@click.option("--rack-head", metavar="URL",
+              help="Ask this rack head's daemon (mcastdeploy serve) for the session of "
+                   "the image named by --image instead of making one.")
+@click.option("--agent", help="With --rack-head: this agent's name in the rack head's status.")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="With --rack-head: the API token's file (default: $MCASTDEPLOY_TOKEN).")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
                 rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
-                encrypt: Optional[bool], output: Optional[str]) -> None:
-    """Write a new session spec (JSON) with a fresh session id and key."""
+                encrypt: Optional[bool], output: Optional[str], rack_head: Optional[str],
+                agent: Optional[str], token_file: Optional[str]) -> None:
+    """Write a new session spec (JSON) with a fresh session id and key, or (--rack-head)
+    the one a rack head's daemon has for an image."""
+    if rack_head is not None:
+        spec = _from_rack_head(rack_head, image, agent, token_file, group, port, rate, ttl,
+                               symbol_size, block_symbols, proactive_repair, encrypt)
+        if interface is not None:  # the agent's interface, where it differs from the head's
+            resolve_interface(interface)
+            spec = spec.replace(interface=interface)
+        if output:
+            spec.save(output)
+        else:
+            click.echo(spec.to_json(), nl=False)
+        return
     if group is not None:
         check_group(group)
     if interface is not None:
@@ -202,6 +221,22 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
         spec.save(output)
     else:
         click.echo(spec.to_json(), nl=False)
+
+
+def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
+                    token_file: Optional[str], *settings: Any) -> SessionSpec:
+    from mcastdeploy.cli.serve import ask_rack_head
+    from mcastdeploy.service.client import ClientError
+
+    if image is None:
+        raise CommandError("--rack-head needs --image NAME (the image to ask for)")
+    if any(setting is not None for setting in settings):
+        raise CommandError("with --rack-head the rack head chooses the session's settings; "
+                           "only --image, --agent, --token-file, --interface and -o apply")
+    try:
+        return ask_rack_head(rack_head, image, agent, token_file)
+    except ClientError as error:
+        raise CommandError(str(error), EXIT_FAILED) from None
 
 
 def _measure(path: str) -> tuple[int, str]:
@@ -340,6 +375,15 @@ def _parse_size(text: str) -> int:
         raise CommandError("the size must be positive")
     return size
 
+
+def _add_service_commands() -> None:
+    from mcastdeploy.cli.serve import serve, status
+
+    main.add_command(serve)
+    main.add_command(status)
+
+
+_add_service_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

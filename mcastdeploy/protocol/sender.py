@@ -107,6 +107,8 @@ class ReceiverRecord:
     packets_lost: int = 0
     packets_received: int = 0
     done: bool = False
+    #: Repair symbols its NACKs asked for, as heard here (the rack head's status shows it).
+    symbols_asked: int = 0
 
 
 @dataclass
@@ -307,6 +309,7 @@ class Sender:
         if isinstance(body, wire.Nack) and header.flags & wire.Flags.MANIFEST:
             self._on_manifest_request(body, now)
         elif isinstance(body, wire.Nack):
+            record.symbols_asked += sum(need for _, need in body.needs)
             self._on_nack(body, now)
         elif isinstance(body, wire.Status):
             self.stats.status_received += 1

@@ -1,0 +1,256 @@
+"""One session of the daemon, run in a thread of its own: the image into the cache (once),
+then a Sender multicasting it, steerable from the daemon's other threads.
+
+``serve_image`` is the whole of a session's work in one function, so that a pipelined
+path (multicasting the ranges fetched so far while the rest arrives) can replace it
+without touching the daemon.  The daemon talks to it only through a
+:class:`SessionControl`: the rate it may use and how many agents asked go in, a snapshot
+of the sender and its receivers comes out.  The snapshot is made by the session's own
+thread (between two steps of its event loop), so the daemon never reads the Sender's
+dictionaries while they change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.image_source import LocalImage, SourceError
+from mcastdeploy.drivers.send_session import SendSummary
+from mcastdeploy.drivers.sources import ImageCache, readers_for
+from mcastdeploy.drivers.sources.qcow2 import sendable
+from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
+from mcastdeploy.drivers.memory import peak_rss_mb
+from mcastdeploy.protocol import events
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.intake import rejected
+from mcastdeploy.protocol.manifest import SenderManifest
+from mcastdeploy.protocol.ratecontrol import AutoRate
+from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
+from mcastdeploy.spec import SessionSpec
+
+#: While gathering, the pass must not begin because "enough" receivers joined: it begins
+#: when the window closes (SenderConfig.wait), whoever is there.
+_NOT_BEFORE_THE_WINDOW = 1 << 30
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a session's image comes from: URLs holding the same bytes, or a local file."""
+
+    name: str
+    urls: tuple[str, ...] = ()
+    path: Optional[str] = None
+
+
+@dataclass
+class SessionControl:
+    """What the daemon and a session's thread share; every field behind ``lock``."""
+
+    rate_bps: int
+    agents: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop_requested: bool = False
+    #: The sender finished: an agent asking now needs a new session.
+    finishing: bool = False
+    snapshot: dict = field(default_factory=lambda: {"state": "fetching"})
+    source_bytes: int = 0
+
+    def set_rate(self, rate_bps: int) -> None:
+        with self.lock:
+            self.rate_bps = rate_bps
+
+    def add_agent(self) -> bool:
+        """Count one more agent unless the session is ending; whether it was counted."""
+        with self.lock:
+            if self.finishing or self.stop_requested:
+                return False
+            self.agents += 1
+            return True
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stop_requested = True
+
+    def publish(self, **snapshot: Any) -> None:
+        with self.lock:
+            self.snapshot = snapshot
+
+    def read(self) -> dict:
+        with self.lock:
+            return dict(self.snapshot, rate_bps=self.snapshot.get("rate_bps", self.rate_bps),
+                        source_bytes=self.source_bytes)
+
+
+def serve_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
+                control: SessionControl, *, gather: float, linger: float,
+                environ: Optional[Mapping[str, str]] = None) -> SendSummary:
+    """The whole of one session: the image fetched into ``cache`` once (or a local file),
+    converted to raw if qcow2, then multicast per ``spec`` until every agent is done and
+    ``linger`` is over (or ``control.stop()``)."""
+    with _raw_image(spec, source, cache, control, environ) as path:
+        return _multicast(spec, path, control, gather, linger)
+
+
+@contextlib.contextmanager
+def _raw_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
+               control: SessionControl,
+               environ: Optional[Mapping[str, str]]) -> Iterator[str]:
+    if source.path is not None:
+        with sendable(source.path, spec, cache) as path:
+            yield path
+        return
+    readers = readers_for(list(source.urls), environ=environ)
+    key = source.urls[0]
+    with cache.get_or_fetch(key, readers, spec.image_sha256) as cached:
+        if cached.fetched is not None:
+            with control.lock:
+                control.source_bytes += cached.fetched.bytes_fetched
+        entry = cache.entry_id(key, spec.image_sha256)
+        with sendable(cached.path, spec, cache, key="cache:" + entry,
+                      sha256_verified=spec.image_sha256 is not None) as path:
+            yield path
+
+
+def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather: float,
+               linger: float) -> SendSummary:
+    check_group(spec.group)
+    interface = resolve_interface(spec.interface)
+    image = LocalImage(path)
+    try:
+        if spec.disk_size is not None and spec.disk_size != image.size:
+            raise SourceError(f"image is {image.size} bytes, the session spec says "
+                              f"{spec.disk_size}")
+        geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
+        checksum, block_hashes = image.digests(geometry.block_bytes)
+        if spec.disk_checksum is not None and checksum != spec.disk_checksum:
+            raise SourceError("image does not match the session's sha256")
+        sock = open_sender_socket(interface, spec.ttl)
+        try:
+            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, control,
+                        gather, linger)
+        finally:
+            sock.close()
+    finally:
+        image.close()
+
+
+def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest,
+         sock: Any, control: SessionControl, gather: float, linger: float) -> SendSummary:
+    reply_host, reply_port = sock.getsockname()[:2]
+    config = SenderConfig(
+        session_id=spec.session_number, group=(spec.group, spec.port),
+        rate_bps=control.rate_bps, auto_rate=spec.rate_mode == "auto",
+        symbol_size=spec.symbol_size, block_symbols=spec.block_symbols,
+        proactive_repair=spec.proactive_repair, auto_proactive=spec.proactive_mode == "auto",
+        min_receivers=_NOT_BEFORE_THE_WINDOW, wait=gather, linger=linger,
+        reply_host=reply_host, reply_port=reply_port, key=spec.key_bytes,
+        encrypt=spec.encrypt)
+    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
+                    manifest=manifest)
+    geometry = sender.geometry
+    started = time.monotonic()
+    ended: list[events.SessionEnded] = []
+
+    def steer() -> None:
+        """Apply the daemon's settings, then supply the blocks the sender wants."""
+        with control.lock:
+            rate, agents = control.rate_bps, control.agents
+        _set_rate(sender, rate)
+        if sender.state is not SenderState.WAITING:
+            # After the window: the session is not over until every agent that asked
+            # (late ones included) is done, or nobody asked for anything for ``linger``.
+            config.min_receivers = agents
+        for block in sender.blocks_wanted():
+            sender.supply_block(block, image.read(geometry.offset(block),
+                                                  geometry.block_length(block)))
+
+    def on_event(event: object, now: float) -> None:
+        if isinstance(event, events.SessionEnded):
+            ended.append(event)
+            with control.lock:
+                control.finishing = True
+
+    def finished() -> bool:
+        with control.lock:
+            stop = control.stop_requested
+        return stop or (sender.state is SenderState.FINISHED and sender.get_timer() is None)
+
+    loop = EventLoop(sender, [sock], sock, on_event=on_event, before_send=steer,
+                     on_tick=lambda now: control.publish(**snapshot(sender, now - started)),
+                     finished=finished)
+    loop.run()
+    seconds = time.monotonic() - started
+    control.publish(**snapshot(sender, seconds))
+    stats = sender.stats
+    known = len(sender.receivers)
+    done = sum(1 for record in sender.receivers.values() if record.done)
+    wanted = max(config.min_receivers if config.min_receivers != _NOT_BEFORE_THE_WINDOW
+                 else 0, 1)
+    ok = bool(ended) and known > 0 and done == known and done >= wanted
+    if not ended:
+        reason = "stopped"
+    elif ok:
+        reason = ended[-1].reason
+    else:
+        reason = ("no receiver joined" if not known else
+                  f"{max(known, wanted) - done} of {max(known, wanted)} agents did not "
+                  f"report done ({ended[-1].reason})")
+    return SendSummary(
+        ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
+        mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
+        repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
+        receivers=known, receivers_done=done, sha256=checksum.hex(),
+        rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
+        pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
+        peak_rss_mb=peak_rss_mb())
+
+
+def _set_rate(sender: Sender, rate_bps: int) -> None:
+    """The daemon's share for this session: the ceiling of automatic rate control, or the
+    rate itself; the sender's pacing follows at its next ANNOUNCE (at most 0.5 s)."""
+    controller = sender.rate
+    if isinstance(controller, AutoRate):
+        if controller.ceiling_bps != rate_bps:
+            controller.ceiling_bps = rate_bps
+            controller.floor_bps = min(controller.floor_bps, rate_bps)
+            controller.rate_bps = min(controller.rate_bps, rate_bps)
+    elif controller.rate_bps != rate_bps:
+        controller.rate_bps = rate_bps
+
+
+def snapshot(sender: Sender, elapsed: float) -> dict:
+    """The sender and every receiver it knows, as plain data for status and metrics."""
+    geometry = sender.geometry
+    receivers = []
+    for origin, record in sender.receivers.items():
+        total = record.packets_lost + record.packets_received
+        receivers.append({
+            "origin": f"{origin:08x}", "address": str(record.address[0]),
+            "state": "done" if record.done else record.state.name.lower(),
+            "blocks_done": record.blocks_done, "block_count": geometry.block_count,
+            "progress": record.blocks_done / geometry.block_count,
+            "packets_received": record.packets_received,
+            "packets_lost": record.packets_lost,
+            "loss": record.packets_lost / total if total else 0.0,
+            "repairs_asked": record.symbols_asked,
+            "first_seen": record.first_seen,
+            # Every block comes by multicast from this sender for now; peers and the
+            # origin store become other sources when agents seed each other.
+            "source": "multicast",
+        })
+    stats = sender.stats
+    return {
+        "state": sender.state.value, "elapsed": elapsed,
+        "bytes_total": geometry.image_size,
+        "bytes_done": min(geometry.image_size,
+                          sender.pass_position() * geometry.block_bytes),
+        "bytes_sent": stats.bytes_sent, "repairs_asked": stats.repairs_requested,
+        "repairs_sent": stats.repair_packets, "rate_bps": int(sender.rate.rate_bps),
+        "receivers": receivers,
+    }

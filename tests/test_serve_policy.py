@@ -1,0 +1,175 @@
+"""The daemon's policies and plumbing without a network: group allocation, the rate split,
+the config file, the session table and the event log."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mcastdeploy.service import config as configuration
+from mcastdeploy.service.events import log_event
+from mcastdeploy.service.groups import NoFreeGroup, allocate, mac_of, parse_range
+from mcastdeploy.service.rateshare import MIN_SHARE_BPS, fair_shares
+from mcastdeploy.service.table import AgentRecord, SessionRecord, SessionTable
+from mcastdeploy.spec import new_session
+
+TOKEN = "t" * 32
+
+
+def test_aliasing_groups_share_a_mac():
+    assert mac_of("239.192.1.2") == mac_of("239.64.1.2") == mac_of("224.64.1.2")
+    assert mac_of("239.192.1.2") != mac_of("239.192.1.3")
+
+
+def test_allocation_avoids_every_mac_in_use():
+    network = ipaddress.IPv4Network("239.192.0.0/14")
+    rng = random.Random(1)
+    in_use: list[str] = []
+    for _ in range(300):
+        group = allocate(network, in_use, rng)
+        assert ipaddress.IPv4Address(group) in network
+        assert mac_of(group) not in {mac_of(g) for g in in_use}
+        in_use.append(group)
+
+
+def test_a_range_whose_macs_are_all_taken_has_no_free_group():
+    # 239.0.0.0/23's MACs 00:00:xx are flooded, 00:01:xx all taken by 239.128.1.0/24.
+    network = ipaddress.IPv4Network("239.0.0.0/23")
+    taken = [str(ipaddress.IPv4Address("239.128.1.0") + i) for i in range(256)]
+    with pytest.raises(NoFreeGroup):
+        allocate(network, taken, random.Random(2))
+    # ... and with one of them free, that one is found although the range is crowded.
+    assert allocate(network, taken[1:], random.Random(3)) == "239.0.1.0"
+
+
+def test_link_local_macs_are_never_chosen():
+    network = ipaddress.IPv4Network("239.0.0.0/24")  # all alias 224.0.0.x, always flooded
+    with pytest.raises(NoFreeGroup):
+        allocate(network, [], random.Random(4))
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/8", "224.0.0.0/24", "239.1.2.3/16", "nonsense"])
+def test_bad_group_ranges_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_range(text)
+
+
+def test_one_session_gets_the_budget_and_two_get_half():
+    assert fair_shares(100_000_000, {"a": None}) == {"a": 100_000_000}
+    assert fair_shares(100_000_000, {"a": None, "b": None}) == {"a": 50_000_000,
+                                                               "b": 50_000_000}
+    assert fair_shares(100_000_000, {}) == {}
+
+
+def test_a_capped_session_leaves_the_rest_to_the_others():
+    shares = fair_shares(100_000_000, {"a": 10_000_000, "b": None, "c": None})
+    assert shares == {"a": 10_000_000, "b": 45_000_000, "c": 45_000_000}
+
+
+@given(st.integers(10**6, 10**11),
+       st.lists(st.one_of(st.none(), st.integers(10**6, 10**10)), min_size=1, max_size=20))
+def test_shares_are_fair_and_within_the_budget(budget, caps):
+    ceilings = {str(i): cap for i, cap in enumerate(caps)}
+    shares = fair_shares(budget, ceilings)
+    assert set(shares) == set(ceilings)
+    assert sum(shares.values()) <= max(budget, MIN_SHARE_BPS * len(caps)) + len(caps)
+    for name, share in shares.items():
+        cap = ceilings[name]
+        assert cap is None or share <= max(cap, MIN_SHARE_BPS)
+    # Max-min: a session below its cap gets at least as much as any other session.
+    uncapped = [shares[n] for n, cap in ceilings.items() if cap is None or shares[n] < cap]
+    if uncapped:
+        assert min(uncapped) >= max(shares.values()) - 1
+
+
+def write_config(tmp_path, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / "serve.ini"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_config_file_and_overrides(tmp_path):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    path = write_config(tmp_path, """
+[serve]
+listen = 10.0.0.1:7000
+interface = eth1
+groups = 239.200.0.0/16
+rate = 2G
+session_rate = 500M
+gather = 1.5
+token_file = token
+state_dir = state
+[cache]
+dir = /srv/cache
+limit = 20G
+[images]
+ubuntu = swift://images/ubuntu.raw https://mirror.example/ubuntu.raw
+[swift]
+ST_AUTH = http://swift.example/auth/v1.0
+""")
+    loaded = configuration.load(path)
+    assert loaded.token == TOKEN
+    assert loaded.listen == ("10.0.0.1", 7000)
+    assert loaded.interface == "eth1"
+    assert loaded.groups == ipaddress.IPv4Network("239.200.0.0/16")
+    assert (loaded.rate_bps, loaded.session_rate_bps) == (2_000_000_000, 500_000_000)
+    assert loaded.gather == 1.5
+    assert loaded.state_dir == str(tmp_path / "state")  # relative to the file
+    assert (loaded.cache_dir, loaded.cache_limit) == ("/srv/cache", 20 << 30)
+    assert loaded.images["ubuntu"][1] == "https://mirror.example/ubuntu.raw"
+    assert loaded.swift_environ == {"ST_AUTH": "http://swift.example/auth/v1.0"}
+    assert loaded.with_overrides(interface="eth2", rate_bps=None).interface == "eth2"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[serve]\n", "token"),
+    ("[serve]\ntoken = short\n", "at least"),
+    (f"[serve]\ntoken = {TOKEN}\nrate = fast\n", "bad rate"),
+    (f"[serve]\ntoken = {TOKEN}\nlisten = nowhere\n", "listen"),
+    (f"[serve]\ntoken = {TOKEN}\ngroups = 10.0.0.0/8\n", "multicast"),
+    (f"[serve]\ntoken = {TOKEN}\ncolour = blue\n", "unknown key"),
+    (f"[serve]\ntoken = {TOKEN}\n[extras]\n", "unknown config section"),
+    (f"[serve]\ntoken = {TOKEN}\n[images]\nx = not-a-url\n", "URLs"),
+    ("no section at all\n", "not a valid INI"),
+])
+def test_bad_config_is_one_line(tmp_path, text, message):
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.load(write_config(tmp_path, text))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_readable_by_others_is_refused(tmp_path):
+    with pytest.raises(configuration.ConfigError, match="chmod 600"):
+        configuration.load(write_config(tmp_path, f"[serve]\ntoken = {TOKEN}\n", 0o644))
+
+
+def test_session_table_round_trip_is_private(tmp_path):
+    table = SessionTable(str(tmp_path / "state"))
+    table.prepare()
+    assert table.load() == []
+    record = SessionRecord(new_session(interface="lo"), "ubuntu", 12.5,
+                           [AgentRecord("node-1", "10.0.0.11", 13.0)])
+    table.save([record])
+    assert os.stat(table.path).st_mode & 0o077 == 0
+    assert os.stat(table.state_dir).st_mode & 0o077 == 0
+    (loaded,) = table.load()
+    assert loaded.spec == record.spec and loaded.agents == record.agents
+    assert loaded.image == "ubuntu"
+
+
+def test_events_are_one_line_with_the_session_and_refuse_secrets(caplog):
+    with caplog.at_level(logging.INFO, logger="mcastdeploy.serve"):
+        line = log_event("agent_joined", "0123456789abcdef", agent="node 1", agents=2)
+    assert line.split()[1:] == ["event=agent_joined", "session=0123456789abcdef",
+                                'agent="node', '1"', "agents=2"]
+    assert caplog.records[0].getMessage() == line
+    with pytest.raises(ValueError, match="secret"):
+        log_event("oops", key="00" * 32)

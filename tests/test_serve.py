@@ -228,3 +228,184 @@ def wait_for_ended(url: str, session_id: str, fetch=None) -> dict:
             return ended[0]
         assert time.monotonic() < deadline, f"session {session_id} did not end: {status}"
         time.sleep(0.3)
+
+
+# -- in the rack ----------------------------------------------------------------------------
+
+HEAD = "http://10.99.0.1:6780"
+
+
+class RackHead:
+    """A daemon on the rack's sender host, and agents on its receivers asking it for images."""
+
+    def __init__(self, bed, directory, images: dict[str, int], rate: str, gather: float,
+                 linger: float = 3.0) -> None:
+        self.bed, self.directory = bed, directory
+        (directory / "images").mkdir()
+        self.sha = {name: write_random(directory / "images" / name, size, seed=len(name) + size)
+                    for name, size in images.items()}
+        config = write_config(directory, listen="0.0.0.0:6780", interface="eth0", rate=rate,
+                              gather=gather, linger=linger)
+        self.daemon = Daemon(directory, config, HEAD, rack=bed)
+        self.agents: dict[str, dict[str, Any]] = {}
+
+    def ask(self, host: str, image: str) -> dict:
+        """``host`` asks for ``image`` (session new --rack-head) and starts receiving it."""
+        spec_path = str(self.directory / f"{host}.json")
+        self.bed.run(host, [sys.executable, "-m", "mcastdeploy", "session", "new",
+                            "--rack-head", HEAD, "--image", image, "--agent", host,
+                            "--token-file", str(self.directory / "token"), "-o", spec_path])
+        with open(spec_path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+        target = str(self.directory / f"{host}.raw")
+        out, err = (open(str(self.directory / f"{host}.{kind}"), "w") for kind in ("out", "err"))
+        with out, err:
+            process = self.bed.exec(host, [sys.executable, "-m", "mcastdeploy", "recv",
+                                           "--session", spec_path, "--json", "--timeout", "30",
+                                           "--progress", "none", target],
+                                    stdout=out, stderr=err, env=ENV)
+        self.agents[host] = {"image": image, "spec": spec, "process": process,
+                             "target": target}
+        return spec
+
+    def get(self, path: str, host: str = "r1") -> bytes:
+        """GET ``path`` from the daemon, from inside ``host``'s namespace."""
+        script = ("import sys, urllib.request; r = urllib.request.Request(sys.argv[1], "
+                  "headers={'Authorization': 'Bearer ' + sys.argv[2]}); "
+                  "sys.stdout.write(urllib.request.urlopen(r, timeout=10).read().decode())")
+        return self.bed.run(host, [sys.executable, "-c", script, HEAD + path, TOKEN]
+                            ).stdout.encode()
+
+    def status(self) -> dict:
+        return json.loads(self.get("/v1/status"))
+
+    def wait_agents(self) -> dict[str, dict]:
+        """Wait (bounded) for every agent; assert exit 0 and a byte-identical copy; their
+        summaries."""
+        deadline = time.monotonic() + DEADLINE
+        summaries = {}
+        for host, agent in self.agents.items():
+            process = agent["process"]
+            try:
+                process.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+            err = (self.directory / f"{host}.err").read_text()
+            assert process.returncode == 0, f"{host} exited {process.returncode}: " \
+                                            f"{err[-1500:]}\n{self.daemon.text()[-3000:]}"
+            summary = summaries[host] = json.loads(
+                (self.directory / f"{host}.out").read_text().strip().splitlines()[-1])
+            assert summary["ok"] and summary["sha256"] == self.sha[agent["image"]], summary
+            assert sha256_file(agent["target"]) == self.sha[agent["image"]], host
+        return summaries
+
+    def check_status_against(self, summaries: dict[str, dict]) -> list[dict]:
+        """The daemon's status and metrics say what the agents themselves said."""
+        views = {}
+        for host, agent in self.agents.items():
+            session_id = agent["spec"]["session_id"]
+            if session_id not in views:
+                views[session_id] = wait_for_ended(HEAD, session_id, fetch=self.status)
+        rows = {}
+        for view in views.values():
+            assert view["state"] == "done", view
+            for row in view["agents"]:
+                rows[row["name"]] = (view, row)
+        for host, summary in summaries.items():
+            view, row = rows[host]
+            assert view["session_id"] == self.agents[host]["spec"]["session_id"]
+            assert view["image"] == self.agents[host]["image"]
+            assert row["state"] == "done" and row["progress"] == 1.0, row
+            assert row["address"] == self.bed.address(host)
+            # NACKs are never lost on the way up here (the bed drops at receivers' ingress):
+            # what the sender heard each agent ask is what the agent says it asked.
+            assert row["repairs_asked"] == summary["repairs_asked"], (host, row, summary)
+            assert row["source"] == "multicast"
+        metrics = parse_metrics(self.get("/metrics").decode())
+        assert metrics["mcastdeploy_repairs_asked_total"] == sum(
+            s["repairs_asked"] for s in summaries.values())
+        assert metrics['mcastdeploy_sessions_ended_total{result="done"}'] >= len(views)
+        assert metrics["mcastdeploy_multicast_bytes_total"] >= sum(
+            os.path.getsize(self.directory / "images" / view["image"])
+            for view in views.values())
+        return list(views.values())
+
+    def close(self) -> None:
+        self.daemon.stop()
+
+
+@pytest.fixture
+def rack_head(rack, tmp_path):
+    heads: list[RackHead] = []
+
+    def build(receivers: int, **settings: Any) -> RackHead:
+        head = RackHead(rack(receivers, rate="50mbit"), tmp_path, **settings)
+        heads.append(head)
+        return head
+
+    yield build
+    for head in heads:
+        head.close()
+
+
+def test_two_images_at_once_and_a_late_agent_joins(rack_head):
+    """r1, r2 ask for image A; r3 asks for A while its session is in flight and joins it;
+    r4, r5 ask for image B 5 s after the first; the two sessions share the budget."""
+    budget = 10_000_000
+    head = rack_head(5, images={"a.raw": 8 * 1024 * 1024 + 17, "b.raw": 3 * 1024 * 1024 + 5},
+                     rate="10M", gather=1.5)
+    started = time.monotonic()
+    first = head.ask("r1", "a.raw")
+    assert head.ask("r2", "a.raw")["session_id"] == first["session_id"]
+    time.sleep(max(0.0, started + 3.0 - time.monotonic()))
+    in_flight = head.status()["sessions"]
+    assert [v["state"] for v in in_flight] == ["sending"], in_flight
+    late = head.ask("r3", "a.raw")  # A is being multicast: r3 joins it
+    assert late == first
+    time.sleep(max(0.0, started + 5.0 - time.monotonic()))
+    second = head.ask("r4", "b.raw")
+    assert head.ask("r5", "b.raw")["session_id"] == second["session_id"] != first["session_id"]
+    assert second["group"] != first["group"]
+
+    # Both in flight at once, each with half the budget.
+    shared = None
+    deadline = time.monotonic() + 20
+    while shared is None and time.monotonic() < deadline:
+        sessions = head.status()["sessions"]
+        if len(sessions) == 2 and all(v["state"] in ("sending", "repairing") for v in sessions):
+            shared = sessions
+        time.sleep(0.2)
+    assert shared is not None, "the two sessions were never in flight together"
+    assert [v["rate_bps"] for v in shared] == [budget // 2] * 2, shared
+
+    summaries = head.wait_agents()
+    assert summaries["r3"]["repairs_asked"] > 0  # it really was late
+    views = head.check_status_against(summaries)
+    assert sorted(len(v["agents"]) for v in views) == [2, 3]
+    log = head.daemon.text()
+    for agent in head.agents.values():
+        assert agent["spec"]["key"] not in log
+
+
+def test_daemon_killed_and_restarted_mid_session(rack_head):
+    """SIGKILL the daemon while it multicasts; started again, it resumes the session from
+    its table with the same id, key and group, and every agent ends byte-identical."""
+    head = rack_head(3, images={"c.raw": 6 * 1024 * 1024 + 9}, rate="8M", gather=1.0)
+    spec = head.ask("r1", "c.raw")
+    for host in ("r2", "r3"):
+        assert head.ask(host, "c.raw") == spec
+    deadline = time.monotonic() + 30
+    while True:
+        sessions = head.status()["sessions"]
+        if sessions and sessions[0]["bytes_done"] >= 0.3 * sessions[0]["bytes_total"]:
+            break
+        assert time.monotonic() < deadline, sessions
+        time.sleep(0.2)
+    head.daemon.kill()
+    time.sleep(1.0)
+    head.daemon.start()
+    assert f"event=session_resumed session={spec['session_id']}" in head.daemon.text()
+    summaries = head.wait_agents()
+    (view,) = head.check_status_against(summaries)
+    assert view["resumed"] and view["group"] == spec["group"]

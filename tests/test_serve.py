@@ -10,8 +10,10 @@ agents themselves report.  Every copy is checked byte for byte (SHA-256).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from typing import Any, Optional
 
 import pytest
 from helpers import finish, mcastdeploy, sha256_file, write_random
+from http_objects import ObjectServer
 from rack_fixtures import rack, rack_bed  # noqa: F401  (fixtures)
 
 TOKEN = "serve-test-token-" + "x" * 16
@@ -38,7 +41,7 @@ def free_port() -> int:
 
 
 def write_config(directory, *, listen: str, interface: str, rate: str, gather: float = 1.0,
-                 linger: float = 3.0) -> str:
+                 linger: float = 3.0, extra: str = "") -> str:
     (directory / "token").write_text(TOKEN + "\n")
     os.chmod(directory / "token", 0o600)
     path = directory / "serve.ini"
@@ -54,7 +57,7 @@ image_dir = images
 [cache]
 dir = cache
 limit = 1G
-""")
+{extra}""")
     os.chmod(path, 0o600)
     return str(path)
 
@@ -216,6 +219,54 @@ def test_agents_asking_for_one_image_share_its_session(local_daemon, tmp_path):
         if any(f"event={e}" in line for e in ("session_opened", "agent_joined",
                                                "session_ended", "rate_shared")):
             assert f"session={first['session_id']}" in line, line
+
+
+def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp_path):
+    """An image whose store answers 404 fails its session only; an image from a URL is
+    pulled into the cache once, and its next session is sent from there."""
+    data = random_bytes(2 * 1024 * 1024 + 3, seed=82)
+    with ObjectServer({"/img": data}) as store:
+        (tmp_path / "images").mkdir()
+        port = free_port()
+        config = write_config(tmp_path, listen=f"127.0.0.1:{port}", interface="lo",
+                              rate="200M", gather=0.5, linger=2.0, extra=f"""[images]
+gone = {store.url("/missing")}
+remote = {store.url("/img")}
+""")
+        daemon = Daemon(tmp_path, config, f"http://127.0.0.1:{port}")
+        try:
+            url = daemon.url
+            status, body = http(url, "/v1/sessions", TOKEN, {"image": "gone"})
+            assert status == 200  # opened; the fetch fails in the session's thread
+            failed = wait_for_ended(url, json.loads(body)["spec"]["session_id"])
+            assert failed["state"] == "failed" and "404" in failed["reason"], failed
+            assert "event=session_failed" in daemon.text()
+
+            for run in range(2):
+                spec_path = tmp_path / f"remote{run}.json"
+                status, body = http(url, "/v1/sessions", TOKEN, {"image": "remote",
+                                                                 "agent": f"node{run}"})
+                assert status == 200, body
+                spec = json.loads(body)["spec"]
+                spec_path.write_text(json.dumps(spec))
+                code, _, err = finish(mcastdeploy(
+                    "recv", "--session", str(spec_path), "--json", "--timeout", "30",
+                    "--progress", "none", str(tmp_path / f"copy{run}.raw")), timeout=DEADLINE)
+                assert code == 0, err
+                assert sha256_file(tmp_path / f"copy{run}.raw") == hashlib.sha256(data).hexdigest()
+                assert wait_for_ended(url, spec["session_id"])["state"] == "done"
+            metrics = parse_metrics(http(url, "/metrics", TOKEN)[1].decode())
+            # Pulled from the store once (the object's bytes plus describe's first byte).
+            assert len(data) <= metrics["mcastdeploy_source_bytes_total"] <= len(data) + 1
+            assert store.bytes_served <= len(data) + 1
+            assert metrics['mcastdeploy_sessions_ended_total{result="done"}'] == 2
+            assert metrics['mcastdeploy_sessions_ended_total{result="failed"}'] == 1
+        finally:
+            daemon.stop()
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
 
 
 def wait_for_ended(url: str, session_id: str, fetch=None) -> dict:
@@ -409,3 +460,24 @@ def test_daemon_killed_and_restarted_mid_session(rack_head):
     summaries = head.wait_agents()
     (view,) = head.check_status_against(summaries)
     assert view["resumed"] and view["group"] == spec["group"]
+
+
+def test_serve_with_a_bad_config_is_one_line(tmp_path):
+    missing = str(tmp_path / "nowhere.ini")
+    code, _, err = finish(mcastdeploy("serve", "--config", missing), timeout=30)
+    assert code == 2 and "cannot read config" in err and len(err.strip().splitlines()) == 1
+    loose = tmp_path / "loose.ini"
+    loose.write_text(f"[serve]\ntoken = {TOKEN}\n")
+    os.chmod(loose, 0o644)
+    code, _, err = finish(mcastdeploy("serve", "--config", str(loose)), timeout=30)
+    assert code == 2 and "chmod 600" in err and "Traceback" not in err, err
+
+
+def test_status_watch_redraws_the_table(local_daemon, tmp_path):
+    process = mcastdeploy("status", "--rack-head", local_daemon.url, "--token-file",
+                          str(tmp_path / "token"), "--watch", "--interval", "0.3")
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process, timeout=15)
+    assert code == 0 and "Traceback" not in err, err
+    assert out.count("budget 200.0Mbit/s, 0 sessions in flight") >= 2, out

@@ -173,3 +173,16 @@ def test_events_are_one_line_with_the_session_and_refuse_secrets(caplog):
     assert caplog.records[0].getMessage() == line
     with pytest.raises(ValueError, match="secret"):
         log_event("oops", key="00" * 32)
+
+
+def test_session_settings_are_checked_when_the_config_is_loaded(tmp_path):
+    good = configuration.load(write_config(
+        tmp_path, f"[serve]\ntoken = {TOKEN}\nsymbol_size = 8000\nblock_symbols = 64\n"
+                  "rate_mode = auto\n"))
+    assert (good.symbol_size, good.block_symbols, good.rate_mode) == (8000, 64, "auto")
+    with pytest.raises(configuration.ConfigError, match="symbol_size"):
+        configuration.load(write_config(tmp_path, f"[serve]\ntoken = {TOKEN}\n"
+                                                  "symbol_size = 70000\n"))
+    with pytest.raises(configuration.ConfigError, match="rate_mode"):
+        configuration.load(write_config(tmp_path, f"[serve]\ntoken = {TOKEN}\n"
+                                                  "rate_mode = turbo\n"))

@@ -120,5 +120,9 @@ class ApiHandler(BaseHTTPRequestHandler):
         except RequestError as error:
             self._json(error.status, {"error": str(error)})
             return
+        except Exception as error:  # noqa: BLE001 - the daemon answers and goes on
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       {"error": f"{type(error).__name__}: {error}"})
+            return
         self._json(HTTPStatus.OK, {"spec": json.loads(spec.to_json()), "joined": joined},
                    spec.session_id)

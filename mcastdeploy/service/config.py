@@ -35,7 +35,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from mcastdeploy.service.groups import parse_range
-from mcastdeploy.spec import DEFAULT_PORT, SpecError, parse_rate
+from mcastdeploy.spec import (DEFAULT_BLOCK_SYMBOLS, DEFAULT_PORT, DEFAULT_SYMBOL_SIZE,
+                              RATE_MODES, SpecError, new_session, parse_rate)
 
 DEFAULT_LISTEN = ("0.0.0.0", 6780)
 DEFAULT_STATE_DIR = "/var/lib/mcastdeploy"
@@ -44,7 +45,8 @@ DEFAULT_CACHE_DIR = "/var/cache/mcastdeploy"
 MIN_TOKEN_CHARS = 16
 _SECTIONS = {"serve", "cache", "images", "swift"}
 _SERVE_KEYS = {"listen", "interface", "groups", "port", "rate", "session_rate", "gather",
-               "linger", "state_dir", "token", "token_file", "image_dir", "allow_urls"}
+               "linger", "state_dir", "token", "token_file", "image_dir", "allow_urls",
+               "rate_mode", "symbol_size", "block_symbols"}
 _CACHE_KEYS = {"dir", "limit", "connections"}
 
 
@@ -63,6 +65,12 @@ class ServeConfig:
     rate_bps: int = 800_000_000
     #: The most one session may use, whatever its share (None: its share).
     session_rate_bps: Optional[int] = None
+    #: "fixed": each session sends at its share; "auto": its share is the ceiling and the
+    #: sender follows its agents' loss below it (protocol/ratecontrol.py).
+    rate_mode: str = "fixed"
+    #: Bytes per packet payload and source symbols per block of every session's spec.
+    symbol_size: int = DEFAULT_SYMBOL_SIZE
+    block_symbols: int = DEFAULT_BLOCK_SYMBOLS
     #: Seconds a new session waits for more agents before its pass begins.
     gather: float = 3.0
     #: After the pass, a session ends when nobody asked for repair this long.
@@ -153,6 +161,15 @@ def from_parser(parser: configparser.ConfigParser, base: str = ".") -> ServeConf
             settings["rate_bps"] = parse_rate(serve["rate"])
         if serve.get("session_rate"):
             settings["session_rate_bps"] = parse_rate(serve["session_rate"])
+        if "rate_mode" in serve:
+            if serve["rate_mode"] not in RATE_MODES:
+                raise ConfigError(f"rate_mode must be one of {', '.join(RATE_MODES)}")
+            settings["rate_mode"] = serve["rate_mode"]
+        if "symbol_size" in serve:  # checked against the wire's limits by the first spec
+            settings["symbol_size"] = _integer("symbol_size", serve["symbol_size"], 16, 65000)
+        if "block_symbols" in serve:
+            settings["block_symbols"] = _integer("block_symbols", serve["block_symbols"],
+                                                 1, 254)
         for name in ("gather", "linger"):
             if name in serve:
                 settings[name] = _seconds(name, serve[name])
@@ -177,7 +194,14 @@ def from_parser(parser: configparser.ConfigParser, base: str = ".") -> ServeConf
                 raise ConfigError(f"image {name!r} in [images] needs one or more URLs")
     if parser.has_section("swift"):
         settings["swift_environ"] = dict(parser["swift"])
-    return ServeConfig(**settings)
+    loaded = ServeConfig(**settings)
+    try:  # the session settings as every spec will carry them, checked once here
+        new_session(symbol_size=loaded.symbol_size, block_symbols=loaded.block_symbols,
+                    rate_bps=loaded.session_rate_bps or loaded.rate_bps,
+                    rate_mode=loaded.rate_mode, port=loaded.port)
+    except SpecError as error:
+        raise ConfigError(str(error).replace("session spec field", "setting")) from None
+    return loaded
 
 
 def _token(serve: dict[str, str], base: str) -> str:

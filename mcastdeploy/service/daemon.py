@@ -189,7 +189,9 @@ class Daemon:
             raise RequestError(str(error), 503) from None
         pins: dict[str, Any] = {"image_sha256": sha256}
         spec = new_session(group=group, port=config.port, interface=config.interface,
-                           rate_bps=config.session_rate_bps or config.rate_bps, **pins)
+                           rate_bps=config.session_rate_bps or config.rate_bps,
+                           rate_mode=config.rate_mode, symbol_size=config.symbol_size,
+                           block_symbols=config.block_symbols, **pins)
         record = SessionRecord(spec, image, time.time(),
                                [AgentRecord(name, address, time.time())])
         live = LiveSession(record, source, SessionControl(config.rate_bps, 1))

@@ -351,8 +351,10 @@ class RackHead:
             assert sha256_file(agent["target"]) == self.sha[agent["image"]], host
         return summaries
 
-    def check_status_against(self, summaries: dict[str, dict]) -> list[dict]:
-        """The daemon's status and metrics say what the agents themselves said."""
+    def check_status_against(self, summaries: dict[str, dict],
+                             one_sender: bool = True) -> list[dict]:
+        """The daemon's status and metrics say what the agents themselves said.
+        ``one_sender``: False when a restarted daemon only heard the agents' later NACKs."""
         views = {}
         for host, agent in self.agents.items():
             session_id = agent["spec"]["session_id"]
@@ -371,11 +373,15 @@ class RackHead:
             assert row["address"] == self.bed.address(host)
             # NACKs are never lost on the way up here (the bed drops at receivers' ingress):
             # what the sender heard each agent ask is what the agent says it asked.
-            assert row["repairs_asked"] == summary["repairs_asked"], (host, row, summary)
+            if one_sender:
+                assert row["repairs_asked"] == summary["repairs_asked"], (host, row, summary)
+            else:
+                assert row["repairs_asked"] <= summary["repairs_asked"], (host, row, summary)
             assert row["source"] == "multicast"
         metrics = parse_metrics(self.get("/metrics").decode())
-        assert metrics["mcastdeploy_repairs_asked_total"] == sum(
-            s["repairs_asked"] for s in summaries.values())
+        asked = sum(s["repairs_asked"] for s in summaries.values())
+        assert (metrics["mcastdeploy_repairs_asked_total"] == asked if one_sender
+                else metrics["mcastdeploy_repairs_asked_total"] <= asked)
         assert metrics['mcastdeploy_sessions_ended_total{result="done"}'] >= len(views)
         assert metrics["mcastdeploy_multicast_bytes_total"] >= sum(
             os.path.getsize(self.directory / "images" / view["image"])
@@ -458,7 +464,7 @@ def test_daemon_killed_and_restarted_mid_session(rack_head):
     head.daemon.start()
     assert f"event=session_resumed session={spec['session_id']}" in head.daemon.text()
     summaries = head.wait_agents()
-    (view,) = head.check_status_against(summaries)
+    (view,) = head.check_status_against(summaries, one_sender=False)
     assert view["resumed"] and view["group"] == spec["group"]
 
 

@@ -250,7 +250,9 @@ def snapshot(sender: Sender, elapsed: float) -> dict:
         "bytes_total": geometry.image_size,
         "bytes_done": min(geometry.image_size,
                           sender.pass_position() * geometry.block_bytes),
-        "bytes_sent": stats.bytes_sent, "repairs_asked": stats.repairs_requested,
+        # What the agents asked for, summed: the sender merges requests for one block.
+        "bytes_sent": stats.bytes_sent,
+        "repairs_asked": sum(row["repairs_asked"] for row in receivers),
         "repairs_sent": stats.repair_packets, "rate_bps": int(sender.rate.rate_bps),
         "receivers": receivers,
     }

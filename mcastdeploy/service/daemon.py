@@ -5,7 +5,8 @@ joins it: it gets the same spec, and the session waits for it too.  Otherwise a 
 session gets a group from the range whose Ethernet address no session in flight shares
 (groups.py), is written to the session table (so a restarted daemon resumes it: same id,
 key and group, which agents follow), and starts in a thread of its own: it gathers agents
-for ``gather`` seconds while the image comes into the cache, then multicasts.  The rate
+for ``gather`` seconds while the image comes into the cache, and multicasts once both are
+over and every agent that asked has joined (or a short grace later).  The rate
 budget is split again whenever a session starts or ends (rateshare.py).  A session that
 fails is logged and dropped; the daemon and the other sessions go on.
 """
@@ -51,6 +52,9 @@ class LiveSession:
     thread: Optional[threading.Thread] = None
     started: float = field(default_factory=time.time)
     resumed: bool = False
+    #: The gathering window closes then (monotonic clock), however long the fetch takes:
+    #: agents asking meanwhile are waited for, and the fetch does not add to the window.
+    gather_until: float = 0.0
 
 
 @dataclass
@@ -207,6 +211,7 @@ class Daemon:
     # -- sessions' threads ---------------------------------------------------------------
 
     def _launch(self, live: LiveSession) -> None:
+        live.gather_until = time.monotonic() + self.config.gather
         live.thread = threading.Thread(target=self._run, args=(live,), daemon=True,
                                        name=f"session-{live.record.session_id}")
         live.thread.start()
@@ -218,11 +223,11 @@ class Daemon:
         error: Optional[str] = None
         try:
             summary = serve_image(record.spec, live.source, self.cache, live.control,
-                                  gather=self.config.gather, linger=self.config.linger,
+                                  gather_until=live.gather_until, linger=self.config.linger,
                                   environ=self.config.swift_environ or None)
         except Exception as failure:  # noqa: BLE001 - one session's failure is logged, not fatal
             error = f"{type(failure).__name__}: {failure}"
-        self._ended(live, summary, error)
+        # Logged before status shows it ended: whoever sees the end there finds the line.
         if summary is not None:
             log_event("session_ended", session_id, image=record.image, ok=summary.ok,
                       reason=summary.reason, agents_done=summary.receivers_done,
@@ -230,6 +235,7 @@ class Daemon:
                       repairs_sent=summary.repairs_sent, seconds=round(summary.seconds, 3))
         else:
             log_event("session_failed", session_id, image=record.image, reason=error)
+        self._ended(live, summary, error)
 
     def _ended(self, live: LiveSession, summary: Any, error: Optional[str]) -> None:
         with self.lock:

@@ -34,9 +34,12 @@ from mcastdeploy.protocol.ratecontrol import AutoRate
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
-#: While gathering, the pass must not begin because "enough" receivers joined: it begins
-#: when the window closes (SenderConfig.wait), whoever is there.
+#: While gathering, the pass must not begin because "enough" receivers joined.
 _NOT_BEFORE_THE_WINDOW = 1 << 30
+#: Once the window has closed (and the image is ready), the pass begins as soon as every
+#: agent that asked has joined, or this long after, whoever is there: agents that asked
+#: during a long fetch join on the first ANNOUNCE, within a fraction of a second.
+JOIN_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,15 @@ class SessionControl:
 
 
 def serve_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
-                control: SessionControl, *, gather: float, linger: float,
+                control: SessionControl, *, gather_until: float, linger: float,
                 environ: Optional[Mapping[str, str]] = None) -> SendSummary:
     """The whole of one session: the image fetched into ``cache`` once (or a local file),
-    converted to raw if qcow2, then multicast per ``spec`` until every agent is done and
-    ``linger`` is over (or ``control.stop()``)."""
+    converted to raw if qcow2, then multicast per ``spec``: the pass begins at
+    ``gather_until`` (time.monotonic) or once the image is ready, whichever is later, and
+    the session ends when every agent is done, or nobody asked for ``linger`` seconds
+    (or at ``control.stop()``)."""
     with _raw_image(spec, source, cache, control, environ) as path:
-        return _multicast(spec, path, control, gather, linger)
+        return _multicast(spec, path, control, gather_until, linger)
 
 
 @contextlib.contextmanager
@@ -117,7 +122,7 @@ def _raw_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
             yield path
 
 
-def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather: float,
+def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather_until: float,
                linger: float) -> SendSummary:
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
@@ -133,7 +138,7 @@ def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather: fl
         sock = open_sender_socket(interface, spec.ttl)
         try:
             return _run(spec, image, checksum, SenderManifest(block_hashes), sock, control,
-                        gather, linger)
+                        gather_until, linger)
         finally:
             sock.close()
     finally:
@@ -141,14 +146,16 @@ def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather: fl
 
 
 def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest,
-         sock: Any, control: SessionControl, gather: float, linger: float) -> SendSummary:
+         sock: Any, control: SessionControl, gather_until: float,
+         linger: float) -> SendSummary:
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
         session_id=spec.session_number, group=(spec.group, spec.port),
         rate_bps=control.rate_bps, auto_rate=spec.rate_mode == "auto",
         symbol_size=spec.symbol_size, block_symbols=spec.block_symbols,
         proactive_repair=spec.proactive_repair, auto_proactive=spec.proactive_mode == "auto",
-        min_receivers=_NOT_BEFORE_THE_WINDOW, wait=gather, linger=linger,
+        min_receivers=_NOT_BEFORE_THE_WINDOW, linger=linger,
+        wait=max(0.0, gather_until - time.monotonic()) + JOIN_GRACE,
         reply_host=reply_host, reply_port=reply_port, key=spec.key_bytes,
         encrypt=spec.encrypt)
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
@@ -162,9 +169,10 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         with control.lock:
             rate, agents = control.rate_bps, control.agents
         _set_rate(sender, rate)
-        if sender.state is not SenderState.WAITING:
-            # After the window: the session is not over until every agent that asked
-            # (late ones included) is done, or nobody asked for anything for ``linger``.
+        if sender.state is not SenderState.WAITING or time.monotonic() >= gather_until:
+            # After the window: the pass begins once every agent that asked has joined
+            # (or JOIN_GRACE later), and the session is not over until every agent that
+            # asked (late ones too) is done, or nobody asked for anything for ``linger``.
             config.min_receivers = agents
         for block in sender.blocks_wanted():
             sender.supply_block(block, image.read(geometry.offset(block),

@@ -1,5 +1,5 @@
-"""The daemon's policies and plumbing without a network: group allocation, the rate split,
-the config file, the session table and the event log."""
+"""The daemon's policies and plumbing without a network: group allocation, the rate split
+(and a Sender following its share), the config file, the session table and the event log."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from mcastdeploy.service import config as configuration
 from mcastdeploy.service.events import log_event
 from mcastdeploy.service.groups import NoFreeGroup, allocate, mac_of, parse_range
+from mcastdeploy.protocol.sender import Sender, SenderConfig
 from mcastdeploy.service.rateshare import MIN_SHARE_BPS, fair_shares
+from mcastdeploy.service.session import apply_share
 from mcastdeploy.service.table import AgentRecord, SessionRecord, SessionTable
 from mcastdeploy.spec import new_session
 
@@ -186,3 +188,30 @@ def test_session_settings_are_checked_when_the_config_is_loaded(tmp_path):
     with pytest.raises(configuration.ConfigError, match="rate_mode"):
         configuration.load(write_config(tmp_path, f"[serve]\ntoken = {TOKEN}\n"
                                                   "rate_mode = turbo\n"))
+
+
+def test_a_new_share_changes_what_the_sender_sends():
+    """The daemon's rate split reaches the wire: a running Sender given a new share sends
+    at it from its next ANNOUNCE on (simulated time, so the count is exact enough)."""
+    config = SenderConfig(session_id=1, group=("239.192.0.1", 6790), rate_bps=40e6)
+    sender = Sender(config, 64 * 1024 * 1024, origin=7)
+    block = random.Random(5).randbytes(sender.geometry.block_bytes)
+
+    def sent_between(start: float, end: float) -> int:
+        total, now = 0, start
+        while now < end:
+            for index in sender.blocks_wanted():
+                sender.supply_block(index, block[:sender.geometry.block_length(index)])
+            total += sum(len(data) for data, _ in sender.datagrams_to_send(now))
+            now += 0.0005
+        return total
+
+    sender.start(0.0)
+    assert sent_between(0.0, 1.0) * 8 == pytest.approx(40e6, rel=0.05)
+    apply_share(sender, 10_000_000)
+    sent_between(1.0, 1.6)  # the next ANNOUNCE (every 0.5 s) applies it
+    assert sent_between(1.6, 2.6) * 8 == pytest.approx(10e6, rel=0.05)
+    auto = Sender(SenderConfig(session_id=2, group=("239.192.0.2", 6790), rate_bps=40e6,
+                               auto_rate=True), 1024, origin=8)
+    apply_share(auto, 10_000_000)  # under automatic control the share is the ceiling
+    assert auto.rate.ceiling_bps == 10_000_000 and auto.rate.rate_bps <= 10_000_000

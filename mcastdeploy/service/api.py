@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
@@ -32,6 +33,13 @@ class ApiServer(ThreadingHTTPServer):
         self.service = daemon
         self.token = daemon.config.token.encode()
         super().__init__(address, ApiHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke (a client gone mid-answer): one event line, not the
+        traceback socketserver would print."""
+        error = sys.exc_info()[1]
+        log_event("http_error", client=client_address[0],
+                  error=f"{type(error).__name__}: {error}")
 
 
 class ApiHandler(BaseHTTPRequestHandler):

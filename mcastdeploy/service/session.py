@@ -168,7 +168,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         """Apply the daemon's settings, then supply the blocks the sender wants."""
         with control.lock:
             rate, agents = control.rate_bps, control.agents
-        _set_rate(sender, rate)
+        apply_share(sender, rate)
         if sender.state is not SenderState.WAITING or time.monotonic() >= gather_until:
             # After the window: the pass begins once every agent that asked has joined
             # (or JOIN_GRACE later), and the session is not over until every agent that
@@ -219,7 +219,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         peak_rss_mb=peak_rss_mb())
 
 
-def _set_rate(sender: Sender, rate_bps: int) -> None:
+def apply_share(sender: Sender, rate_bps: int) -> None:
     """The daemon's share for this session: the ceiling of automatic rate control, or the
     rate itself; the sender's pacing follows at its next ANNOUNCE (at most 0.5 s)."""
     controller = sender.rate

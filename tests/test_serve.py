@@ -26,6 +26,7 @@ from typing import Any, Optional
 import pytest
 from helpers import finish, mcastdeploy, sha256_file, write_random
 from http_objects import ObjectServer
+from swift_fixture import local_swift  # noqa: F401  (a fixture)
 from rack_fixtures import rack, rack_bed  # noqa: F401  (fixtures)
 
 TOKEN = "serve-test-token-" + "x" * 16
@@ -65,8 +66,10 @@ limit = 1G
 class Daemon:
     """``mcastdeploy serve`` as a process (in a rack host's namespace, or here); its log."""
 
-    def __init__(self, directory, config: str, url: str, rack=None) -> None:
+    def __init__(self, directory, config: str, url: str, rack=None,
+                 env: Optional[dict] = None) -> None:
         self.directory, self.config, self.url, self.rack = directory, config, url, rack
+        self.env = env or ENV
         self.runs = 0
         self.process: Optional[subprocess.Popen] = None
         self.start()
@@ -80,11 +83,11 @@ class Daemon:
         argv = [sys.executable, "-m", "mcastdeploy", "serve", "--config", self.config]
         with open(self.log, "w") as log:
             if self.rack is None:
-                self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=ENV,
+                self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env,
                                                 cwd=self.directory)
             else:
-                self.process = self.rack.exec("sender", argv, stdout=log, stderr=log, env=ENV,
-                                              cwd=self.directory)
+                self.process = self.rack.exec("sender", argv, stdout=log, stderr=log,
+                                              env=self.env, cwd=self.directory)
         deadline = time.monotonic() + 20
         while "event=serving" not in self.text():
             assert self.process.poll() is None, f"serve exited:\n{self.text()}"
@@ -221,6 +224,23 @@ def test_agents_asking_for_one_image_share_its_session(local_daemon, tmp_path):
             assert f"session={first['session_id']}" in line, line
 
 
+def test_sigterm_stops_the_daemon_and_its_table_keeps_the_sessions(local_daemon, tmp_path):
+    status, body = http(local_daemon.url, "/v1/sessions", TOKEN, {"image": "small.raw"})
+    assert status == 200
+    session_id = json.loads(body)["spec"]["session_id"]
+    local_daemon.process.terminate()
+    assert local_daemon.process.wait(15) == 0
+    assert "event=stopping sessions=1" in local_daemon.text()
+    table = tmp_path / "state" / "sessions.json"
+    assert os.stat(table).st_mode & 0o077 == 0  # it holds the keys
+    assert [entry["spec"]["session_id"]
+            for entry in json.loads(table.read_text())["sessions"]] == [session_id]
+    local_daemon.start()
+    assert f"event=session_resumed session={session_id}" in local_daemon.text()
+    (view,) = json.loads(http(local_daemon.url, "/v1/status", TOKEN)[1])["sessions"]
+    assert view["session_id"] == session_id and view["resumed"]
+
+
 def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp_path):
     """An image whose store answers 404 fails its session only; an image from a URL is
     pulled into the cache once, and its next session is sent from there."""
@@ -263,6 +283,43 @@ remote = {store.url("/img")}
             assert metrics['mcastdeploy_sessions_ended_total{result="failed"}'] == 1
         finally:
             daemon.stop()
+
+
+def test_swift_credentials_from_the_config_and_bytes_from_swift_counted(local_swift,  # noqa: F811
+                                                                        tmp_path):
+    """A swift:// image with the credentials only in the config's [swift] section (not in
+    the daemon's environment); /metrics counts what Swift's own access log says it sent."""
+    data = random_bytes(2 * 1024 * 1024 + 11, seed=83)
+    connection = local_swift.connection()
+    connection.put_container("images")
+    connection.put_object("images", "serve.raw", data)
+    credentials = "".join(f"{name} = {value}\n" for name, value in local_swift.env().items())
+    (tmp_path / "images").mkdir()
+    port = free_port()
+    config = write_config(tmp_path, listen=f"127.0.0.1:{port}", interface="lo", rate="200M",
+                          gather=0.5, linger=2.0,
+                          extra=f"[images]\nfromswift = swift://images/serve.raw\n"
+                                f"[swift]\n{credentials}")
+    mark = len(local_swift.access_lines())
+    clean = {k: v for k, v in ENV.items() if not k.startswith(("ST_", "OS_"))}
+    daemon = Daemon(tmp_path, config, f"http://127.0.0.1:{port}", env=clean)
+    try:
+        status, body = http(daemon.url, "/v1/sessions", TOKEN, {"image": "fromswift"})
+        assert status == 200, body
+        spec = json.loads(body)["spec"]
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        code, _, err = finish(mcastdeploy("recv", "--session", str(tmp_path / "spec.json"),
+                                          "--json", "--timeout", "30", "--progress", "none",
+                                          str(tmp_path / "copy.raw")), timeout=DEADLINE)
+        assert code == 0, f"{err}\n{daemon.text()}"
+        assert sha256_file(tmp_path / "copy.raw") == hashlib.sha256(data).hexdigest()
+        assert wait_for_ended(daemon.url, spec["session_id"])["state"] == "done"
+        by_swift = local_swift.bytes_sent_for("images", "serve.raw", after=mark,
+                                              at_least=len(data))
+        metrics = parse_metrics(http(daemon.url, "/metrics", TOKEN)[1].decode())
+        assert metrics["mcastdeploy_source_bytes_total"] == by_swift
+    finally:
+        daemon.stop()
 
 
 def random_bytes(size: int, seed: int) -> bytes:

@@ -544,3 +544,31 @@ def test_status_watch_redraws_the_table(local_daemon, tmp_path):
     code, out, err = finish(process, timeout=15)
     assert code == 0 and "Traceback" not in err, err
     assert out.count("budget 200.0Mbit/s, 0 sessions in flight") >= 2, out
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["session", "new", "--rack-head", "http://127.0.0.1:9"], 2, "needs --image"),
+    (["session", "new", "--rack-head", "http://127.0.0.1:9", "--image", "x", "--group",
+      "239.1.1.1"], 2, "rack head chooses"),
+    (["session", "new", "--rack-head", "ftp://head", "--image", "x"], 1, "not an http"),
+    (["session", "new", "--rack-head", "http://127.0.0.1:9", "--image", "x"], 1,
+     "cannot reach rack head"),
+    (["status", "--rack-head", "http://127.0.0.1:9"], 1, "cannot reach rack head"),
+])
+def test_rack_head_client_errors_are_one_line(args, code, message):
+    env = dict(ENV, MCASTDEPLOY_TOKEN=TOKEN)
+    process = subprocess.Popen([sys.executable, "-m", "mcastdeploy", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    returned, _, err = finish(process, timeout=30)
+    assert returned == code and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_client_without_a_token_is_told_so():
+    env = {k: v for k, v in ENV.items() if k != "MCASTDEPLOY_TOKEN"}
+    process = subprocess.Popen([sys.executable, "-m", "mcastdeploy", "status", "--rack-head",
+                                "http://127.0.0.1:9"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    returned, _, err = finish(process, timeout=30)
+    assert returned == 1 and "no API token" in err, err

@@ -7,6 +7,9 @@ import ipaddress
 import logging
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -215,3 +218,19 @@ def test_a_new_share_changes_what_the_sender_sends():
                                auto_rate=True), 1024, origin=8)
     apply_share(auto, 10_000_000)  # under automatic control the share is the ceiling
     assert auto.rate.ceiling_bps == 10_000_000 and auto.rate.rate_bps <= 10_000_000
+
+
+def test_the_systemd_unit_is_valid(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    with open(os.path.join(tools, "mcastdeploy-serve.service"), encoding="utf-8") as handle:
+        unit = handle.read()
+    assert "ExecStart=/usr/local/bin/mcastdeploy serve --config" in unit
+    # verify insists that the command exists: point it at this interpreter's mcastdeploy.
+    path = tmp_path / "mcastdeploy-serve.service"
+    path.write_text(unit.replace("/usr/local/bin/mcastdeploy", f"{sys.executable} -m mcastdeploy"))
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr

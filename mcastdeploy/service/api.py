@@ -49,7 +49,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass  # every answer is logged once, as an event, by _answer
+        pass  # answers worth an event are logged once, by _answer
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -67,6 +67,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.send_header("WWW-Authenticate", 'Bearer realm="mcastdeploy"')
         self.end_headers()
         self.wfile.write(body)
+        if self.command == "GET" and status == HTTPStatus.OK:
+            return  # status --watch and Prometheus read every few seconds: not events
         fields = {"method": self.command, "path": self.path.split("?")[0],
                   "status": status, "client": self.client_address[0]}
         if error:

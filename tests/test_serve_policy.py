@@ -234,3 +234,23 @@ def test_the_systemd_unit_is_valid(tmp_path):
     result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_the_documented_example_config_loads(tmp_path):
+    """docs/deployer.rst's example, comments and all, is a config the daemon accepts."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    with open(os.path.join(docs, "deployer.rst"), encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index("    [serve]\n")
+    example = text[start:text.index("\nComments start with", start)]
+    example = "\n".join(line[4:] for line in example.splitlines())
+    (tmp_path / "token").write_text(TOKEN)
+    example = example.replace("/etc/mcastdeploy/token", str(tmp_path / "token"))
+    loaded = configuration.load(write_config(tmp_path, example))
+    assert loaded.listen == ("10.20.0.1", 6780) and loaded.interface == "eth1"
+    assert (loaded.rate_bps, loaded.session_rate_bps) == (800_000_000, 500_000_000)
+    assert loaded.token == TOKEN and loaded.allow_urls is False
+    assert loaded.cache_limit == 400 << 30 and loaded.symbol_size == 1400
+    assert loaded.images["ubuntu-22.04"] == ["swift://images/ubuntu-22.04.raw",
+                                             "https://mirror.example/ubuntu-22.04.raw"]
+    assert loaded.swift_environ["OS_USERNAME"] == "mcastdeploy"

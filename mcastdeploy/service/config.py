@@ -124,7 +124,9 @@ def load(path: str) -> ServeConfig:
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"config {path} holds secrets but others may read it: "
                           f"chmod 600 {path}")
-    parser = configparser.ConfigParser(interpolation=None)
+    # "key = value   # comment" as in the documented example; a value itself cannot hold
+    # a " #" then (tokens and Swift passwords with one go in a token_file or quotes-free).
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep ST_AUTH's case
     try:
         with open(path, encoding="utf-8") as handle:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from mcastdeploy.service import config as configuration
 from mcastdeploy.service.events import log_event
 from mcastdeploy.service.groups import NoFreeGroup, allocate, mac_of, parse_range
-from mcastdeploy.protocol.sender import Sender, SenderConfig
+from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.service.rateshare import MIN_SHARE_BPS, fair_shares
 from mcastdeploy.service.session import apply_share
 from mcastdeploy.service.table import AgentRecord, SessionRecord, SessionTable
@@ -254,3 +255,50 @@ def test_the_documented_example_config_loads(tmp_path):
     assert loaded.images["ubuntu-22.04"] == ["swift://images/ubuntu-22.04.raw",
                                              "https://mirror.example/ubuntu-22.04.raw"]
     assert loaded.swift_environ["OS_USERNAME"] == "mcastdeploy"
+
+
+def test_an_agent_counted_is_waited_for_and_one_after_the_end_is_refused():
+    """The guard around a session's Sender: an agent the daemon counts after the others
+    are done keeps the session open until it is done too; once the sender has decided to
+    finish, add_agent refuses (the daemon then opens a new session)."""
+    from mcastdeploy import wire
+    from mcastdeploy.service.session import SessionControl, _Guarded
+
+    image = random.Random(6).randbytes(3 * 32 * 1400 + 5)
+    checksum = hashlib.sha256(image).digest()
+    sender = Sender(SenderConfig(session_id=9, group=("239.192.0.3", 6790), rate_bps=1e9,
+                                 linger=100.0, min_receivers=1 << 30, wait=1.0),
+                    len(image), origin=3, checksum=checksum)
+    control = SessionControl(rate_bps=10**9, agents=1)
+    guarded = _Guarded(sender, control, gather_until=0.0)
+    geometry = sender.geometry
+
+    def drive(start: float, until, horizon: float = 60.0) -> float:
+        now = start
+        while now < start + horizon and not until():
+            for block in sender.blocks_wanted():
+                offset = geometry.offset(block)
+                sender.supply_block(block, image[offset:offset + geometry.block_length(block)])
+            guarded.datagrams_to_send(now)
+            timer = guarded.get_timer()
+            if timer is not None and timer <= now:
+                guarded.handle_timer(now)
+            now += 0.001
+        return now
+
+    def report(origin: int, body, now: float) -> None:
+        guarded.receive_datagram(wire.encode(9, origin, body), (f"10.0.0.{origin}", 1), now)
+
+    guarded.start(0.0)
+    report(1, wire.Status(wire.ReceiverState.RECEIVING, 0, geometry.block_count, 0, 0, 0), 0.0)
+    now = drive(0.0, lambda: sender.state is SenderState.REPAIRING)
+    assert now < 1.0  # the one agent that asked had joined: no need to wait the grace
+    assert control.add_agent()  # a second agent asks as the first is done
+    report(1, wire.Done(checksum), now)
+    # Without the second agent counted it would end a flush (0.2 s) after this DONE.
+    now = drive(now, lambda: sender.state is SenderState.FINISHED, horizon=5.0)
+    assert sender.state is SenderState.REPAIRING and not control.finishing
+    report(2, wire.Done(checksum), now)
+    drive(now, lambda: sender.state is SenderState.FINISHED)
+    assert sender.state is SenderState.FINISHED and control.finishing
+    assert not control.add_agent() and control.agents == 2

@@ -165,15 +165,10 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     ended: list[events.SessionEnded] = []
 
     def steer() -> None:
-        """Apply the daemon's settings, then supply the blocks the sender wants."""
+        """Apply the daemon's rate share, then supply the blocks the sender wants."""
         with control.lock:
-            rate, agents = control.rate_bps, control.agents
+            rate = control.rate_bps
         apply_share(sender, rate)
-        if sender.state is not SenderState.WAITING or time.monotonic() >= gather_until:
-            # After the window: the pass begins once every agent that asked has joined
-            # (or JOIN_GRACE later), and the session is not over until every agent that
-            # asked (late ones too) is done, or nobody asked for anything for ``linger``.
-            config.min_receivers = agents
         for block in sender.blocks_wanted():
             sender.supply_block(block, image.read(geometry.offset(block),
                                                   geometry.block_length(block)))
@@ -181,15 +176,14 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     def on_event(event: object, now: float) -> None:
         if isinstance(event, events.SessionEnded):
             ended.append(event)
-            with control.lock:
-                control.finishing = True
 
     def finished() -> bool:
         with control.lock:
             stop = control.stop_requested
         return stop or (sender.state is SenderState.FINISHED and sender.get_timer() is None)
 
-    loop = EventLoop(sender, [sock], sock, on_event=on_event, before_send=steer,
+    loop = EventLoop(_Guarded(sender, control, gather_until), [sock], sock,
+                     on_event=on_event, before_send=steer,
                      on_tick=lambda now: control.publish(**snapshot(sender, now - started)),
                      finished=finished)
     loop.run()
@@ -217,6 +211,60 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
         pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
         peak_rss_mb=peak_rss_mb())
+
+
+class _Guarded:
+    """The Sender as the event loop sees it, deciding under the control's lock.
+
+    The sender decides to begin its pass or to finish only in ``start``,
+    ``receive_datagram`` and ``handle_timer``; each runs here with the agents the daemon
+    has counted so far, and a decision to finish marks the session ``finishing`` before
+    the lock is let go.  So an agent the daemon counts (``add_agent``, same lock) is either
+    waited for, or refused and given a new session, never left with a sender that ended.
+    """
+
+    def __init__(self, sender: Sender, control: SessionControl, gather_until: float) -> None:
+        self.sender = sender
+        self.control = control
+        self.gather_until = gather_until
+
+    def _agents_count(self, now: float) -> None:
+        if self.sender.state is not SenderState.WAITING or now >= self.gather_until:
+            # After the window: the pass begins once every agent that asked has joined
+            # (or JOIN_GRACE later), and the session is not over until every agent that
+            # asked (late ones too) is done, or nobody asked for anything for ``linger``.
+            self.sender.config.min_receivers = self.control.agents
+
+    def _decided(self) -> None:
+        if self.sender.state is SenderState.FINISHED:
+            self.control.finishing = True
+
+    def start(self, now: float) -> None:
+        with self.control.lock:
+            self._agents_count(now)
+            self.sender.start(now)
+            self._decided()
+
+    def receive_datagram(self, data: bytes, addr: tuple, now: float) -> None:
+        with self.control.lock:
+            self._agents_count(now)
+            self.sender.receive_datagram(data, addr, now)
+            self._decided()
+
+    def handle_timer(self, now: float) -> None:
+        with self.control.lock:
+            self._agents_count(now)
+            self.sender.handle_timer(now)
+            self._decided()
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple]]:
+        return self.sender.datagrams_to_send(now)
+
+    def get_timer(self) -> Optional[float]:
+        return self.sender.get_timer()
+
+    def next_event(self) -> object:
+        return self.sender.next_event()
 
 
 def apply_share(sender: Sender, rate_bps: int) -> None:

@@ -170,7 +170,8 @@ def session() -> None:
                    "'auto' / 'auto:N' (default auto:1) to size them from the group's size "
                    "and loss, at least N.")
 @click.option("--image", "image", type=click.Path(dir_okay=False),
-              help="Pin this image's size and SHA-256 in the spec.")
+              help="Pin this image's size and SHA-256 in the spec; with --rack-head, the "
+                   "name of the image to ask for.")
 @click.option("--encrypt", is_flag=True, default=None,
               help="Encrypt the image on the wire, not only authenticate every packet.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),

@@ -153,6 +153,8 @@ def render_table(data: dict) -> str:
                 f"{_mb(view['bytes_sent']):>9} "
                 f"{view['repairs_asked']:>6}/{view['repairs_sent']:<6} "
                 f"{done_agents:>3}/{len(view['agents']):<3} done")
+            if view.get("resumed"):
+                lines.append("  resumed after the daemon restarted")
             if view.get("reason"):
                 lines.append(f"  ended: {view['reason']}")
             lines.append(f"  {'AGENT':<20} {'ADDRESS':<15} {'STATE':<10} {'PROGRESS':>8} "

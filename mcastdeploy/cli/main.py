@@ -19,9 +19,9 @@ import click
 from mcastdeploy.cli.progress import MODES, ProgressDisplay
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.recv_session import run_recv
-from mcastdeploy.drivers.send_session import run_send
-from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote, readers_for
-from mcastdeploy.drivers.sources.qcow2 import is_qcow2, sendable
+from mcastdeploy.drivers.send_image import send_image
+from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote
+from mcastdeploy.drivers.sources.qcow2 import is_qcow2
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
 from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
@@ -263,32 +263,18 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
     """Multicast IMAGE to every receiver of the session.
 
     IMAGE is a file, a block device, an http(s):// URL, or swift://CONTAINER/OBJECT (with
-    ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is fetched into
-    the cache first (or found there: no network then) and sent from it; a session spec that
-    pins the image's SHA-256 makes the fetch verify it. A qcow2 image is converted to raw
-    in the cache once (qemu-img) and sent raw.
+    ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is pulled once
+    into the cache and multicast as its first blocks arrive (or sent from the cache: no
+    network then); a session spec that pins the image's SHA-256 makes the fetch verify
+    it. A qcow2 image is converted to raw in the cache once (qemu-img) and sent raw.
     """
     spec = _load_spec(session_path, group, port, interface, rate)
+    if copies and not is_remote(image):
+        raise CommandError("--copy needs IMAGE to be a URL")
     cache = ImageCache(cache_dir, _parse_size(cache_limit), connections=connections)
-    if not is_remote(image):
-        if copies:
-            raise CommandError("--copy needs IMAGE to be a URL")
-        # A qcow2 file is converted to raw in the cache once; a raw one is sent as it is.
-        with sendable(image, spec, cache) as path:
-            _run_and_report("send", progress, as_json, functools.partial(
-                run_send, spec, path, min_receivers=min_receivers, wait=wait,
-                linger=linger))
-        return
-    # The whole image is fetched before the first packet; multicasting the ranges already
-    # fetched while the rest arrives is a later step (docs/sources.rst).
-    readers = readers_for([image, *copies])
-    with cache.get_or_fetch(image, readers, spec.image_sha256) as cached:
-        entry = cache.entry_id(image, spec.image_sha256)
-        with sendable(cached.path, spec, cache, key="cache:" + entry,
-                      sha256_verified=spec.image_sha256 is not None) as path:
-            _run_and_report("send", progress, as_json, functools.partial(
-                run_send, spec, path, min_receivers=min_receivers, wait=wait,
-                linger=linger))
+    _run_and_report("send", progress, as_json, functools.partial(
+        send_image, spec, image, copies=copies, cache=cache, min_receivers=min_receivers,
+        wait=wait, linger=linger))
 
 
 @main.command()

@@ -284,18 +284,22 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @click.option("--resume", is_flag=True,
               help="The target may already hold part of the image (a restarted receiver): "
                    "check it block by block against the manifest and fetch only the rest.")
+@click.option("--direct", is_flag=True,
+              help="Write with O_DIRECT, past the page cache (large images on agents with "
+                   "little memory); the target's file system must support it.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
-def recv(session_path: str, timeout: float, resume: bool, group: Optional[str],
+def recv(session_path: str, timeout: float, resume: bool, direct: bool, group: Optional[str],
          port: Optional[int], interface: Optional[str], rate: Optional[RateSetting],
          as_json: bool, progress: str, target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("recv", progress, as_json,
-                    functools.partial(run_recv, spec, target, timeout=timeout, resume=resume))
+                    functools.partial(run_recv, spec, target, timeout=timeout, resume=resume,
+                                      direct=direct))
 
 
 @main.command()

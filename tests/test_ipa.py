@@ -50,14 +50,15 @@ from mcastdeploy.ipa import job as ipa_job  # noqa: E402  (inspected, never driv
 from mcastdeploy.spec import new_session  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = ("losetup", "sgdisk", "parted", "partprobe", "udevadm", "wipefs")
+TOOLS = ("losetup", "sgdisk", "parted", "partprobe", "udevadm", "wipefs", "mkfs.ext2")
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(tool) is None for tool in TOOLS),
     reason=f"loop devices need root; IPA's disk handling needs {', '.join(TOOLS)} "
            "(tools/apt-packages.txt)")
 
 IMAGE_SIZE = 8 * 1024 * 1024
-DISK_SIZE = 16 * 1024 * 1024
+#: IPA puts the config drive in the disk's last 64 MiB, past the image.
+DISK_SIZE = 80 * 1024 * 1024
 SECTOR = 512
 PARTITION_START = 2048  # sectors
 
@@ -114,11 +115,13 @@ def agent(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def loop_disk(tmp_path):
-    """A 16 MiB loop device holding garbage; detached afterwards."""
+    """An 80 MiB loop device whose first 16 MiB hold garbage, with partition scanning
+    (IPA finds the config drive partition it makes); detached afterwards."""
     backing = tmp_path / "disk.img"
     with open(backing, "wb") as handle:
-        handle.write(b"\xa5" * DISK_SIZE)
-    device = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+        handle.write(b"\xa5" * (16 * 1024 * 1024))
+        handle.truncate(DISK_SIZE)
+    device = subprocess.run(["losetup", "-f", "-P", "--show", str(backing)], check=True,
                             capture_output=True, text=True, timeout=30).stdout.strip()
     yield device
     subprocess.run(["losetup", "-d", device], timeout=30, check=False)
@@ -137,6 +140,17 @@ def gpt_image(tmp_path):
         handle.seek(PARTITION_START * SECTOR)
         partition = handle.read(IMAGE_SIZE - PARTITION_START * SECTOR - 34 * SECTOR)
     return path, partition
+
+
+def config_drive(tmp_path) -> str:
+    """A config drive as Ironic sends it: a filesystem labelled config-2, gzipped, base64.
+    (ext2: IPA mounts the drive to check it, and this kernel has no iso9660 or vfat.)"""
+    path = tmp_path / "configdrive.img"
+    with open(path, "wb") as handle:
+        handle.truncate(1024 * 1024)
+    subprocess.run(["mkfs.ext2", "-q", "-F", "-L", "config-2", str(path)], check=True,
+                   capture_output=True, timeout=30)
+    return base64.b64encode(gzip.compress(path.read_bytes())).decode()
 
 
 def ironic_node(device: str, spec: dict | None, *, deploying: bool = True) -> dict:
@@ -239,7 +253,7 @@ def test_write_image_over_multicast_onto_the_install_device(agent, tmp_path, loo
     value, spec_json = ironic_value()
     node = ironic_node(loop_disk, value)
     image_info = ironic_image_info(node, str(image), "sha512")  # read back and checked
-    configdrive = None
+    configdrive = config_drive(tmp_path)
     hardware.cache_node(lookup_view(node))
     sender = start_sender(tmp_path, spec_json, image)
     try:
@@ -253,6 +267,10 @@ def test_write_image_over_multicast_onto_the_install_device(agent, tmp_path, loo
     assert result["result"].startswith(
         f"prepare_image: image ({image_info['id']}) written to device {loop_disk} ")
     check_partition_landed(loop_disk, partition)
+    # IPA's config drive, added after our write as after its own download
+    label = subprocess.run(["blkid", "-p", "-s", "LABEL", "-o", "value", f"{loop_disk}p2"],
+                           capture_output=True, text=True, timeout=30).stdout.strip()
+    assert label == "config-2"
     status = agent.execute_command("mcastdeploy.status").command_result
     assert status["state"] == "done"
     assert status["blocks_done"] == status["blocks_total"] > 0

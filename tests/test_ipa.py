@@ -325,6 +325,16 @@ def test_without_a_spec_ipa_writes_the_image_untouched(agent, loop_disk, gpt_ima
     assert agent.execute_command("mcastdeploy.status").command_result == {"state": "idle"}
 
 
+@pytest.mark.parametrize("change", ["cleaning", "partition image", "no early_start"])
+def test_early_start_only_when_deploying_a_whole_disk_image(agent, loop_disk, change):
+    value, _ = ironic_value(early_start=change != "no early_start")
+    node = ironic_node(loop_disk, value, deploying=change != "cleaning")
+    if change == "partition image":
+        node["driver_internal_info"]["is_whole_disk_image"] = False
+    hardware.cache_node(lookup_view(node))
+    assert ipa_job.current_job() is None
+
+
 def test_early_start_receives_before_the_deploy_step(agent, tmp_path, loop_disk, gpt_image):
     image, partition = gpt_image
     # Slow enough (about 3 s) for the status command to see the transfer under way.

@@ -13,8 +13,9 @@ below a deployer's own SERVICE_PROVIDER managers.  So:
   which finds the image in place: partition table check, config drive, root UUID).
 
 Early start: IPA calls ``wait_for_disks`` on its managers as soon as it caches a new node
-from lookup; when the node's spec says ``early_start`` and the node is being deployed,
-the receive starts there, in the background, and the deploy step waits for it.
+from lookup; when the node's spec says ``early_start`` and the node is being deployed
+(``driver_internal_info`` has its ``deploy_steps``) with a whole-disk image, the receive
+starts there, in the background, and the deploy step waits for it.
 """
 
 from __future__ import annotations
@@ -99,9 +100,12 @@ class MulticastHardwareManager(hardware.HardwareManager):
             return
         if ironic is None or not ironic.early_start or node is None:
             return
-        if not (node.get("driver_internal_info") or {}).get("deploy_steps"):
-            LOG.info("mcastdeploy: node %s is not being deployed, not receiving early",
-                     node.get("uuid"))
+        internal = node.get("driver_internal_info") or {}
+        # Lookup also happens for cleaning and inspection: only a deployment of a
+        # whole-disk image may have its disk written before the deploy step asks.
+        if not internal.get("deploy_steps") or not internal.get("is_whole_disk_image"):
+            LOG.info("mcastdeploy: node %s is not deploying a whole-disk image, not "
+                     "receiving early", node.get("uuid"))
             return
         LOG.info("mcastdeploy: node %s: receiving session %s early", node.get("uuid"),
                  ironic.session.session_id)

@@ -29,14 +29,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from unittest import mock
 
 import pytest
 
-from helpers import finish, mcastdeploy, sha256_file
+from helpers import finish, mcastdeploy
 
 pytest.importorskip("ironic_python_agent", reason="ironic-python-agent is a test extra")
 
@@ -46,7 +45,7 @@ from oslo_config import cfg  # noqa: E402
 from ironic_python_agent.extensions import base as ext_base  # noqa: E402
 from ironic_python_agent.extensions import standby  # noqa: E402
 
-from mcastdeploy.ipa import job as ipa_job  # noqa: E402  (inspected, never driven)
+from mcastdeploy.ipa import job as ipa_job  # noqa: E402  (state inspected and reset)
 from mcastdeploy.spec import new_session  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

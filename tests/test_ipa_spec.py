@@ -1,5 +1,6 @@
-"""The Ironic side of the IPA plugin without the agent: the ``mcastdeploy`` value Ironic
-stores, where the agent finds it, Ironic's checksums, and ``session new --ironic``."""
+"""The IPA plugin's parts that need no agent: the ``mcastdeploy`` value Ironic stores,
+where the agent finds it, Ironic's checksums, the receive job's bounds, and
+``session new --ironic``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from mcastdeploy.ipa.checksum import (ChecksumError, ImageChecksum, check_written,
                                       ironic_checksum, pin_session)
 from mcastdeploy.ipa.ironic_spec import IronicSpec, find_ironic_spec
+from mcastdeploy.ipa.job import ReceiveJob
 from mcastdeploy.spec import SessionSpec, SpecError, new_session
 
 
@@ -108,6 +110,24 @@ def test_check_written_reads_other_algorithms_back(tmp_path):
     check_written(str(device), size, sha256, ImageChecksum("sha256", sha256))
     with pytest.raises(ChecksumError):
         check_written(str(device), size, "0" * 64, ImageChecksum("sha256", sha256))
+
+
+@pytest.mark.parametrize("bound, reason", [("deadline", "deadline of 1 s"),
+                                           ("timeout", "from the sender for 1 s"),
+                                           ("cancel", "cancelled")])
+def test_a_receive_with_no_sender_ends_in_bounded_time(tmp_path, bound, reason):
+    session = new_session(interface="lo")
+    ironic = IronicSpec(session, timeout=30 if bound != "timeout" else 1,
+                        deadline=1 if bound == "deadline" else 60)
+    job = ReceiveJob(ironic, session, lambda: str(tmp_path / "disk")).start()
+    if bound == "cancel":
+        job.cancel()
+    outcome = job.wait(15)
+    assert outcome is not None and not outcome.ok
+    assert reason in outcome.reason
+    status = job.status()
+    assert status["state"] == "failed" and status["reason"] == outcome.reason
+    assert status["eta_s"] is None and status["device"] == str(tmp_path / "disk")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

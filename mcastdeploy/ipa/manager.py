@@ -21,7 +21,7 @@ starts there, in the background, and the deploy step waits for it.
 from __future__ import annotations
 
 import time
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from ironic_python_agent import config as _ipa_config  # noqa: F401  (registers IPA's options)
 from ironic_python_agent import disk_utils, errors, hardware
@@ -136,7 +136,7 @@ def _job_for(ironic: IronicSpec, session: SessionSpec, device: str,
     return job.start()
 
 
-def _device_preparer(node_uuid: Optional[str]):
+def _device_preparer(node_uuid: Optional[str]) -> Callable[[str], None]:
     def prepare(device: str) -> None:
         # As IPA before writing a whole-disk image: old signatures beyond the new image
         # (a backup GPT at the disk's end, RAID superblocks) must not survive it.

@@ -354,12 +354,19 @@ def test_early_start_receives_before_the_deploy_step(agent, tmp_path, loop_disk,
                 break
             time.sleep(0.1)
         assert seen[-1]["state"] == "done", seen[-1]
-        # the deploy step comes once the image is already there
-        result = hardware.dispatch_to_managers("write_image", node, [], image_info)
+        # The deploy step comes once the image is there, as the conductor sends it: the
+        # deploy extension's execute_deploy_step, which dispatches write_image.
+        step = {"interface": "deploy", "step": "write_image",
+                "args": {"image_info": image_info, "configdrive": None}}
+        command = agent.execute_command("deploy.execute_deploy_step", step=step, node=node,
+                                        ports=[]).join(timeout=60)
     finally:
         code, out, err = finish(sender, timeout=90)
     assert code == 0, err
+    assert command.command_status == "SUCCEEDED", command.command_error
+    assert json.loads(out)["receivers_done"] == 1  # received once, at lookup
     assert ipa_job.current_job() is early
+    result = command.command_result["deploy_result"]
     assert result["result"].startswith(
         f"prepare_image: image ({image_info['id']}) written to device {loop_disk} ")
     check_partition_landed(loop_disk, partition)

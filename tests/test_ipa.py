@@ -301,13 +301,27 @@ def test_wrong_checksum_falls_back_to_ipas_download(agent, tmp_path, loop_disk, 
 def test_blocked_group_raises_incompatible_in_bounded_time(agent, loop_disk, gpt_image):
     image, _ = gpt_image
     value, _ = ironic_value(timeout=3)  # and no sender ever sends
-    node = ironic_node(loop_disk, value)
+    node = ironic_node(loop_disk, json.dumps(value))  # stored as a JSON string, as it may be
     image_info = ironic_image_info(node, str(image))
     hardware.cache_node(lookup_view(node))
     started = time.monotonic()
     with pytest.raises(errors.IncompatibleHardwareMethodError, match="from the sender"):
         our_manager().write_image(node, [], image_info)
     assert time.monotonic() - started < 20
+
+
+def test_a_malformed_spec_falls_back_and_says_why(agent, loop_disk, gpt_image, monkeypatch,
+                                                  caplog):
+    image, _ = gpt_image
+    node = ironic_node(loop_disk, '{"session": {"group": "239.1.2.3"')
+    image_info = ironic_image_info(node, str(image))
+    http = mocked_http_path(monkeypatch)
+    hardware.cache_node(lookup_view(node))
+    assert hardware.dispatch_to_managers("write_image", node, [], image_info) \
+        == "IPA downloaded the image over HTTP"
+    http.assert_called_once_with(image_info=image_info, configdrive=None)
+    assert "the session spec from Ironic is unusable: mcastdeploy is not valid JSON" \
+        in caplog.text
 
 
 def test_without_a_spec_ipa_writes_the_image_untouched(agent, loop_disk, gpt_image,

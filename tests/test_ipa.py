@@ -170,9 +170,12 @@ def ironic_node(device: str, spec: dict | None, *, deploying: bool = True) -> di
         instance_info["mcastdeploy"] = spec
     driver_internal_info = {"is_whole_disk_image": True, "agent_url": "http://192.0.2.9:9999",
                             "agent_version": "13.0.0"}
-    if deploying:
+    if deploying:  # the conductor's list for a plain deployment
         driver_internal_info["deploy_steps"] = [
-            {"interface": "deploy", "step": "write_image", "priority": 80, "args": {}}]
+            {"interface": "deploy", "step": step, "priority": priority, "args": {}}
+            for step, priority in (("deploy", 100), ("write_image", 80),
+                                   ("prepare_instance_boot", 60), ("tear_down_agent", 40),
+                                   ("switch_to_tenant_network", 30), ("boot_instance", 20))]
     return {"uuid": node_uuid, "name": "rack1-node3", "driver": "ipmi",
             "provision_state": "deploying", "target_provision_state": "active",
             "properties": {"cpu_arch": "x86_64", "local_gb": "10", "memory_mb": "4096"},
@@ -338,12 +341,17 @@ def test_without_a_spec_ipa_writes_the_image_untouched(agent, loop_disk, gpt_ima
     assert agent.execute_command("mcastdeploy.status").command_result == {"state": "idle"}
 
 
-@pytest.mark.parametrize("change", ["cleaning", "partition image", "no early_start"])
+@pytest.mark.parametrize("change", ["cleaning", "partition image", "no early_start",
+                                    "a RAID step before write_image"])
 def test_early_start_only_when_deploying_a_whole_disk_image(agent, loop_disk, change):
     value, _ = ironic_value(early_start=change != "no early_start")
     node = ironic_node(loop_disk, value, deploying=change != "cleaning")
     if change == "partition image":
         node["driver_internal_info"]["is_whole_disk_image"] = False
+    if change == "a RAID step before write_image":  # from a deploy template
+        node["driver_internal_info"]["deploy_steps"].append(
+            {"interface": "raid", "step": "apply_configuration", "priority": 90,
+             "args": {"raid_config": {"logical_disks": []}}})
     hardware.cache_node(lookup_view(node))
     assert ipa_job.current_job() is None
 

@@ -14,8 +14,9 @@ below a deployer's own SERVICE_PROVIDER managers.  So:
 
 Early start: IPA calls ``wait_for_disks`` on its managers as soon as it caches a new node
 from lookup; when the node's spec says ``early_start`` and the node is being deployed
-(``driver_internal_info`` has its ``deploy_steps``) with a whole-disk image, the receive
-starts there, in the background, and the deploy step waits for it.
+(``driver_internal_info`` has its ``deploy_steps``) with a whole-disk image, and no step
+but the ramdisk's boot comes before write_image, the receive starts there, in the
+background, and the deploy step waits for it.
 """
 
 from __future__ import annotations
@@ -107,12 +108,28 @@ class MulticastHardwareManager(hardware.HardwareManager):
             LOG.info("mcastdeploy: node %s is not deploying a whole-disk image, not "
                      "receiving early", node.get("uuid"))
             return
+        earlier = steps_before_write_image(internal["deploy_steps"])
+        if earlier:
+            LOG.info("mcastdeploy: node %s runs %s before write_image, which may change "
+                     "the disk: not receiving early", node.get("uuid"), ", ".join(earlier))
+            return
         LOG.info("mcastdeploy: node %s: receiving session %s early", node.get("uuid"),
                  ironic.session.session_id)
         job = ReceiveJob(ironic, ironic.receiver_session, _wait_for_install_device,
                          _device_preparer(node.get("uuid")), early=True)
         replace_current_job(job)
         job.start()
+
+
+def steps_before_write_image(deploy_steps: list) -> list[str]:
+    """The deployment's steps that run before write_image, but for the one that boots
+    this ramdisk (``deploy.deploy``): a RAID or BIOS step, say, from a deploy template.
+    Any of them may rewrite, repartition or reboot onto the disk received early."""
+    write = [step for step in deploy_steps if step.get("step") == "write_image"]
+    bar = write[0].get("priority", 0) if write else 0
+    return [f"{step.get('interface')}.{step.get('step')}" for step in deploy_steps
+            if step.get("priority", 0) > bar
+            and (step.get("interface"), step.get("step")) != ("deploy", "deploy")]
 
 
 def _decline(reason: str) -> NoReturn:

@@ -110,6 +110,8 @@ def test_check_written_reads_other_algorithms_back(tmp_path):
     check_written(str(device), size, sha256, ImageChecksum("sha256", sha256))
     with pytest.raises(ChecksumError):
         check_written(str(device), size, "0" * 64, ImageChecksum("sha256", sha256))
+    with pytest.raises(ChecksumError, match="cannot read the image back"):
+        check_written(str(tmp_path / "gone"), size, "", good)
 
 
 @pytest.mark.parametrize("bound, reason", [("deadline", "deadline of 1 s"),

@@ -87,7 +87,11 @@ def check_written(device: str, size: int, sha256: str, checksum: ImageChecksum) 
     if checksum.algorithm == "sha256":
         matches = sha256 == checksum.value
     else:
-        matches = _read_back_matches(device, size, checksum)
+        try:
+            matches = _read_back_matches(device, size, checksum)
+        except OSError as error:
+            raise ChecksumError(f"cannot read the image back from {device}: "
+                                f"{error.strerror or error}") from None
     if not matches:
         raise ChecksumError(f"the image received does not have Ironic's {checksum.algorithm}")
 

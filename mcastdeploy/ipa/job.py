@@ -127,7 +127,8 @@ class ReceiveJob:
         if now - self._last_log >= LOG_INTERVAL:
             self._last_log = now
             LOG.info("mcastdeploy: %s", self.status())
-        self._check_stop()
+        if progress.state not in ("done", "failed"):  # a finished receive stands
+            self._check_stop()
 
     def status(self) -> dict:
         """What an operator asks: blocks, rate, ETA, state (JSON-serialisable)."""

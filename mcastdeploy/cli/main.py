@@ -24,6 +24,7 @@ from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote
 from mcastdeploy.drivers.sources.qcow2 import is_qcow2
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
+from mcastdeploy.ipa.ironic_spec import IronicSpec
 from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
                               parse_proactive_setting, parse_rate, parse_rate_setting)
 
@@ -152,6 +153,21 @@ def main() -> None:
     """Multicast disk images to many machines at once, repaired with FEC, straight to disk."""
 
 
+def _ironic_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What the agent does with a session Ironic gives it (mcastdeploy/ipa)."""
+    for option in reversed([
+            click.option("--early-start", is_flag=True,
+                         help="Agents start receiving at lookup, before the deploy step."),
+            click.option("--agent-timeout", type=click.FloatRange(min=1),
+                         help="Agents fall back to HTTP after this many seconds without "
+                              "the sender (default 60)."),
+            click.option("--node-interface",
+                         help="The nodes' NIC for the group (default: the kernel's route)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.group()
 def session() -> None:
     """Create session specs."""
@@ -175,13 +191,20 @@ def session() -> None:
               help="Encrypt the image on the wire, not only authenticate every packet.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the spec here (mode 0600) instead of printing it.")
+@_ironic_options
+@click.option("--ironic", is_flag=True,
+              help="Print the spec as Ironic stores it (node instance_info 'mcastdeploy', "
+                   "see docs/ironic.rst); the rack head's spec goes to -o.")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
                 rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
-                encrypt: Optional[bool], output: Optional[str]) -> None:
+                encrypt: Optional[bool], output: Optional[str], ironic: bool,
+                **agent_options: Any) -> None:
     """Write a new session spec (JSON) with a fresh session id and key."""
+    if ironic and not output:
+        raise CommandError("--ironic needs -o FILE: the rack head's sender needs the spec too")
     if group is not None:
         check_group(group)
     if interface is not None:
@@ -200,8 +223,27 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        encrypt=encrypt, **pinned)
     if output:
         spec.save(output)
-    else:
+    if ironic:
+        _echo_ironic(spec, **agent_options)
+    elif not output:
         click.echo(spec.to_json(), nl=False)
+
+
+@session.command("ironic")
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@_ironic_options
+@_one_line_errors
+def session_ironic(spec_path: str, **agent_options: Any) -> None:
+    """Print SPEC as Ironic stores it, for 'openstack baremetal node set --instance-info
+    mcastdeploy=...' on every node of the rack whose sender uses SPEC."""
+    _echo_ironic(SessionSpec.load(spec_path), **agent_options)
+
+
+def _echo_ironic(spec: SessionSpec, early_start: bool, agent_timeout: Optional[float],
+                 node_interface: Optional[str]) -> None:
+    value = IronicSpec(spec, early_start=early_start, interface=node_interface,
+                       **({"timeout": agent_timeout} if agent_timeout else {}))
+    click.echo(json.dumps(value.to_ironic(), separators=(",", ":"), sort_keys=True))
 
 
 def _measure(path: str) -> tuple[int, str]:

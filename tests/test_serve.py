@@ -224,6 +224,25 @@ def test_agents_asking_for_one_image_share_its_session(local_daemon, tmp_path):
             assert f"session={first['session_id']}" in line, line
 
 
+def test_the_rack_heads_session_for_ironic(local_daemon, tmp_path):
+    """``session new --rack-head ... --ironic``: the daemon's session as the nodes'
+    instance_info value, which the IPA plugin reads back as the same session."""
+    from mcastdeploy.ipa.ironic_spec import IronicSpec
+
+    code, out, err = finish(mcastdeploy(
+        "session", "new", "--rack-head", local_daemon.url, "--image", "small.raw",
+        "--agent", "rack1", "--token-file", str(tmp_path / "token"), "--ironic",
+        "--early-start", "-o", str(tmp_path / "rack1.json")), timeout=30)
+    assert code == 0, err
+    value = IronicSpec.from_value(out.strip())
+    with open(tmp_path / "rack1.json", encoding="utf-8") as handle:
+        saved = json.load(handle)
+    assert value.early_start and value.session.session_id == saved["session_id"]
+    assert value.session.key == saved["key"] and value.session.group == saved["group"]
+    status = json.loads(http(local_daemon.url, "/v1/status", TOKEN)[1])
+    assert [v["session_id"] for v in status["sessions"]] == [saved["session_id"]], status
+
+
 def test_sigterm_stops_the_daemon_and_its_table_keeps_the_sessions(local_daemon, tmp_path):
     status, body = http(local_daemon.url, "/v1/sessions", TOKEN, {"image": "small.raw"})
     assert status == 200

@@ -63,8 +63,10 @@ class RecvSummary:
 
 
 def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
-             resume: bool = False, on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
+             resume: bool = False, direct: bool = False,
+             on_progress: Optional[Callable[[RecvProgress], None]] = None) -> RecvSummary:
     """Receive the session's image into ``target_path``; verified before it says ok.
+    ``direct`` writes with O_DIRECT (target.DirectWriter).
 
     Raises NetworkError/TargetError for unusable settings (before anything is written).
     """
@@ -76,7 +78,7 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
         unicast_sock = open_unicast_socket(interface)
         try:
             return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
-                        on_progress)
+                        on_progress, direct)
         finally:
             unicast_sock.close()
     finally:
@@ -113,7 +115,8 @@ def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
 
 
 def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
-         unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]]) -> RecvSummary:
+         unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]],
+         direct: bool = False) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.disk_checksum,
                                        timeout=timeout, key=spec.key_bytes,
@@ -139,7 +142,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
             if spec.disk_size is not None and size != spec.disk_size:
                 raise TargetError(f"the sender's image is {size} bytes, the session spec "
                                   f"says {spec.disk_size}")
-            target = Target(target_path, size)
+            target = Target(target_path, size, direct=direct)
         elif isinstance(event, events.HashesLearned) and resume:
             assert target is not None
             keep_what_target_holds(receiver, target, event.blocks, now)

@@ -7,14 +7,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.event_loop import EventLoop, Wakeup
+from mcastdeploy.drivers.growing_image import GrowingImage
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import rejected
-from mcastdeploy.protocol.manifest import SenderManifest
+from mcastdeploy.protocol.manifest import SenderManifest, block_hash
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
@@ -56,6 +57,10 @@ class SendSummary:
     rejected: dict
     #: Peak resident memory of the process, MB (None where /proc does not say).
     peak_rss_mb: Optional[float]
+    #: From the command's start to the first data symbol on the wire.
+    first_data_after_s: Optional[float] = None
+    #: How long the download from a URL took (None: a local image; ~0: a cache hit).
+    fetch_seconds: Optional[float] = None
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
@@ -68,30 +73,126 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
 
     Raises NetworkError/SourceError for unusable settings before anything is sent.
     """
+    started = time.monotonic()
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
     image = LocalImage(image_path)
     try:
-        if spec.disk_size is not None and spec.disk_size != image.size:
-            raise SourceError(f"image {image_path} is {image.size} bytes, the session spec "
-                              f"says {spec.disk_size}")
-        geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
+        geometry = _geometry(spec, image.size, image_path)
         checksum, block_hashes = image.digests(geometry.block_bytes)
         if spec.disk_checksum is not None and checksum != spec.disk_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
         sock = open_sender_socket(interface, spec.ttl)
         try:
-            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, min_receivers,
-                        wait, linger, on_progress)
+            return _run(spec, image, checksum, SenderManifest(block_hashes), sock,
+                        _Options(min_receivers, wait, linger, on_progress), started)
         finally:
             sock.close()
     finally:
         image.close()
 
 
-def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest, sock,
-         min_receivers: int, wait: Optional[float], linger: float,
-         on_progress: Optional[Callable[[SendProgress], None]]) -> SendSummary:
+def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receivers: int = 0,
+                      wait: Optional[float] = None, linger: float = 5.0,
+                      on_progress: Optional[Callable[[SendProgress], None]] = None,
+                      started: Optional[float] = None) -> SendSummary:
+    """Multicast an image while ``download`` (started, with its first bytes in) is still
+    bringing it into the cache: blocks go out as soon as they and their chunk of the
+    manifest are hashed. A checksum pinned by the spec is announced from the start (the
+    download checks it at the end); otherwise the download's is announced when it has
+    it. A failed download ends the session (END): no receiver reports an image done that
+    the sender could not vouch for.
+    """
+    started = time.monotonic() if started is None else started
+    check_group(spec.group)
+    interface = resolve_interface(spec.interface)
+    image = download.open()
+    try:
+        geometry = _geometry(spec, image.size, image.path)
+        manifest = SenderManifest(block_count=geometry.block_count)
+        sock = open_sender_socket(interface, spec.ttl)
+        try:
+            feed = _DownloadFeed(download, image, geometry, manifest)
+            summary = _run(spec, image, spec.disk_checksum, manifest, sock,
+                           _Options(min_receivers, wait, linger, on_progress), started,
+                           feed=feed, wakeup=download.wakeup)
+        finally:
+            sock.close()
+    finally:
+        image.close()
+    summary.fetch_seconds = download.fetch_seconds
+    if feed.failure is not None:
+        summary.ok = False
+        summary.reason = feed.failure
+    return summary
+
+
+def _geometry(spec: SessionSpec, size: int, path: str) -> ImageGeometry:
+    if spec.disk_size is not None and spec.disk_size != size:
+        raise SourceError(f"image {path} is {size} bytes, the session spec says "
+                          f"{spec.disk_size}")
+    return ImageGeometry(size, spec.symbol_size, spec.block_symbols)
+
+
+class _DownloadFeed:
+    """Hands the Sender what the download has made final: the hashes of the blocks in the
+    hashed prefix (read back from the page cache), how far it may read, and at the end
+    the checksum, or the download's failure."""
+
+    #: Blocks hashed per loop step, so a large prefix arriving at once does not stall
+    #: the loop (a wake-up brings it back at once for the rest).
+    BLOCKS_PER_STEP = 64
+
+    def __init__(self, download: GrowingImage, image: LocalImage, geometry: ImageGeometry,
+                 manifest: SenderManifest) -> None:
+        self.download = download
+        self.image = image
+        self.geometry = geometry
+        self.manifest = manifest
+        self.failure: Optional[str] = None
+        self._checksum_told = False
+
+    def __call__(self, sender: Sender, now: float) -> None:
+        if sender.state is SenderState.FINISHED:
+            return
+        download, g = self.download, self.geometry
+        finished = download.finished
+        if finished and download.error is not None:
+            self.failure = f"the image's download failed: {download.error}"
+            sender.abort(self.failure, now)
+            return
+        ready = g.block_count if finished else download.hashed // g.block_bytes
+        known = self.manifest.known_blocks
+        upto = min(ready, known + self.BLOCKS_PER_STEP)
+        if upto > known:
+            sender.extend_manifest(b"".join(
+                block_hash(self.image.read(g.offset(block), g.block_length(block)))
+                for block in range(known, upto)), now)
+            sender.set_readable(upto, now)
+        if upto < ready:
+            download.wakeup.wake()  # the rest of the prefix at the next step
+        elif finished and not self._checksum_told:
+            self._checksum_told = True
+            checksum = download.sha256
+            if sender.checksum is None:
+                sender.set_checksum(checksum, now)
+            elif sender.checksum != checksum:  # fetch checks a pinned one; belt and braces
+                self.failure = "the downloaded image does not match the session's sha256"
+                sender.abort(self.failure, now)
+
+
+@dataclass
+class _Options:
+    min_receivers: int
+    wait: Optional[float]
+    linger: float
+    on_progress: Optional[Callable[[SendProgress], None]]
+
+
+def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
+         manifest: SenderManifest, sock, options: _Options, started: float, *,
+         feed: Optional[Callable[[Sender, float], None]] = None,
+         wakeup: Optional[Wakeup] = None) -> SendSummary:
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
         session_id=spec.session_number,
@@ -102,9 +203,9 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         block_symbols=spec.block_symbols,
         proactive_repair=spec.proactive_repair,
         auto_proactive=spec.proactive_mode == "auto",
-        min_receivers=min_receivers,
-        wait=wait,
-        linger=linger,
+        min_receivers=options.min_receivers,
+        wait=options.wait,
+        linger=options.linger,
         reply_host=reply_host,
         reply_port=reply_port,
         key=spec.key_bytes,
@@ -113,10 +214,13 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
                     manifest=manifest)
     geometry = sender.geometry
-    started = time.monotonic()
+    if feed is not None:
+        sender.set_readable(0, time.monotonic())  # nothing until the download says so
     ended: list[events.SessionEnded] = []
 
-    def supply() -> None:
+    def supply(now: float) -> None:
+        if feed is not None:
+            feed(sender, now)
         for block in sender.blocks_wanted():
             sender.supply_block(block, image.read(geometry.offset(block),
                                                   geometry.block_length(block)))
@@ -126,11 +230,11 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
             ended.append(event)
 
     def progress(now: float) -> None:
-        if on_progress is not None:
-            on_progress(_progress(sender, now - started))
+        if options.on_progress is not None:
+            options.on_progress(_progress(sender, now - started))
 
     loop = EventLoop(sender, [sock], sock, on_event=on_event, before_send=supply,
-                     on_tick=progress,
+                     on_tick=progress, wakeup=wakeup,
                      finished=lambda: sender.state is SenderState.FINISHED
                      and sender.get_timer() is None)
     loop.run()
@@ -140,7 +244,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     stats = sender.stats
     known = len(sender.receivers)
     done = sum(1 for record in sender.receivers.values() if record.done)
-    ok = known > 0 and done == known and done >= min_receivers
+    ok = known > 0 and done == known and done >= options.min_receivers
     reason = end.reason if ok else (
         "no receiver joined" if not known else f"{known - done} of {known} receivers did not "
         f"report done ({end.reason})")
@@ -148,10 +252,13 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
-        receivers=known, receivers_done=done, sha256=checksum.hex(),
+        receivers=known, receivers_done=done,
+        sha256=(sender.checksum or b"").hex(),
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
         pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
-        peak_rss_mb=peak_rss_mb())
+        peak_rss_mb=peak_rss_mb(),
+        first_data_after_s=(None if stats.first_data_at is None
+                            else stats.first_data_at - started))
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

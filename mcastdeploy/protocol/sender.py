@@ -140,6 +140,9 @@ class SenderStats:
     pass_bytes_sent: int = 0
     #: Seconds from the pass's start to its last block; 0 until the pass is complete.
     pass_seconds: float = 0.0
+    #: When the first source symbol went out (None before): with a download still running,
+    #: how soon pipelining put the image on the wire.
+    first_data_at: Optional[float] = None
 
 
 _END_COPIES = 3
@@ -274,6 +277,14 @@ class Sender:
         self.checksum = checksum
         if self.state is not SenderState.FINISHED:
             self._next_announce = min(self._next_announce, now)
+
+    def abort(self, reason: str, now: float) -> None:
+        """End the session at once (END goes out): the image cannot be completed, e.g. its
+        download failed or did not match the checksum receivers were promised."""
+        if self.state is SenderState.FINISHED:
+            return
+        self._finish(reason, len(self.receivers),
+                     sum(1 for record in self.receivers.values() if record.done), now)
 
     def pass_position(self) -> int:
         """Blocks the data pass has fully sent."""
@@ -688,6 +699,8 @@ class Sender:
         k = array.shape[0]
         if symbol < k:
             payload = array[symbol].data
+            if not self.stats.source_packets:
+                self.stats.first_data_at = now
             self.stats.source_packets += 1
         else:
             if symbol == k:  # encode the block's proactive symbols in one codec call

@@ -164,7 +164,7 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     started = time.monotonic()
     ended: list[events.SessionEnded] = []
 
-    def steer() -> None:
+    def steer(now: float) -> None:
         """Apply the daemon's rate share, then supply the blocks the sender wants."""
         with control.lock:
             rate = control.rate_bps

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -241,6 +242,42 @@ def test_the_rack_heads_session_for_ironic(local_daemon, tmp_path):
     assert value.session.key == saved["key"] and value.session.group == saved["group"]
     status = json.loads(http(local_daemon.url, "/v1/status", TOKEN)[1])
     assert [v["session_id"] for v in status["sessions"]] == [saved["session_id"]], status
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None,
+                    reason="qemu-img (qemu-utils) is not installed")
+def test_a_qcow2_image_pinned_as_ironic_pins_it(local_daemon, tmp_path):
+    """--sha256 --qcow2: the pin is of the qcow2 file (Ironic's checksum); agents get the
+    raw conversion, byte-identical to the raw image it was made from; a wrong pin fails the
+    session, not the daemon."""
+    raw = tmp_path / "source.raw"
+    raw_sha = write_random(raw, 1024 * 1024 + 4096, seed=84)  # whole sectors, as qcow2 keeps
+    qcow2 = tmp_path / "images" / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(qcow2)], check=True, timeout=60)
+    pin = sha256_file(qcow2)
+
+    def ask(sha: str, out: str) -> tuple[int, str]:
+        code, _, err = finish(mcastdeploy(
+            "session", "new", "--rack-head", local_daemon.url, "--image", "disk.qcow2",
+            "--sha256", sha, "--qcow2", "--token-file", str(tmp_path / "token"), "-o",
+            str(tmp_path / out)), timeout=30)
+        return code, err
+
+    assert ask(pin, "good.json") == (0, "")
+    spec = json.loads((tmp_path / "good.json").read_text())
+    assert (spec["image_sha256"], spec["image_format"]) == (pin, "qcow2")
+    code, out, err = finish(mcastdeploy("recv", "--session", str(tmp_path / "good.json"),
+                                        "--json", "--timeout", "30", "--progress", "none",
+                                        str(tmp_path / "copy.raw")), timeout=DEADLINE)
+    assert code == 0, err
+    assert json.loads(out)["sha256"] == raw_sha == sha256_file(tmp_path / "copy.raw")
+
+    assert ask("0" * 64, "bad.json")[0] == 0  # a session with another pin: its own
+    bad = json.loads((tmp_path / "bad.json").read_text())
+    assert bad["session_id"] != spec["session_id"]
+    view = wait_for_ended(local_daemon.url, bad["session_id"])
+    assert view["state"] == "failed" and "sha256" in view["reason"], view
 
 
 def test_sigterm_stops_the_daemon_and_its_table_keeps_the_sessions(local_daemon, tmp_path):

@@ -202,6 +202,12 @@ def session() -> None:
 @click.option("--agent", help="With --rack-head: this agent's name in the rack head's status.")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="With --rack-head: the API token's file (default: $MCASTDEPLOY_TOKEN).")
+@click.option("--sha256", "pin_sha256", metavar="HEX",
+              help="With --rack-head: pin the image to this SHA-256 (Ironic's checksum) of "
+                   "the image as stored: raw, or qcow2 with --qcow2.")
+@click.option("--qcow2", "pin_qcow2", is_flag=True,
+              help="With --rack-head and --sha256: the pin is of a qcow2 file (agents get "
+                   "its raw conversion).")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
                 rate: Optional[RateSetting], ttl: Optional[int],
@@ -209,11 +215,14 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
                 encrypt: Optional[bool], output: Optional[str], ironic: bool,
                 rack_head: Optional[str], agent: Optional[str], token_file: Optional[str],
-                **agent_options: Any) -> None:
+                pin_sha256: Optional[str], pin_qcow2: bool, **agent_options: Any) -> None:
     """Write a new session spec (JSON) with a fresh session id and key, or (--rack-head)
     the one a rack head's daemon has for an image."""
     if rack_head is not None:
-        spec = _from_rack_head(rack_head, image, agent, token_file, group, port, rate, ttl,
+        if pin_qcow2 and pin_sha256 is None:
+            raise CommandError("--qcow2 says what --sha256 pins: give both")
+        spec = _from_rack_head(rack_head, image, agent, token_file, pin_sha256,
+                               "qcow2" if pin_qcow2 else None, group, port, rate, ttl,
                                symbol_size, block_symbols, proactive_repair, encrypt)
         if interface is not None:  # the agent's interface, where it differs from the head's
             resolve_interface(interface)
@@ -225,6 +234,8 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
         elif not output:
             click.echo(spec.to_json(), nl=False)
         return
+    if pin_sha256 is not None or pin_qcow2:
+        raise CommandError("--sha256 and --qcow2 go with --rack-head; here --image pins")
     if ironic and not output:
         raise CommandError("--ironic needs -o FILE: the rack head's sender needs the spec too")
     if group is not None:
@@ -269,7 +280,8 @@ def _echo_ironic(spec: SessionSpec, early_start: bool, agent_timeout: Optional[f
 
 
 def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
-                    token_file: Optional[str], *settings: Any) -> SessionSpec:
+                    token_file: Optional[str], sha256: Optional[str],
+                    image_format: Optional[str], *settings: Any) -> SessionSpec:
     from mcastdeploy.cli.serve import ask_rack_head
     from mcastdeploy.service.client import ClientError
 
@@ -277,10 +289,10 @@ def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
         raise CommandError("--rack-head needs --image NAME (the image to ask for)")
     if any(setting is not None for setting in settings):
         raise CommandError("with --rack-head the rack head chooses the session's settings; "
-                           "only --image, --agent, --token-file, --interface, -o and the "
-                           "Ironic options apply")
+                           "only --image, --agent, --token-file, --sha256, --qcow2, "
+                           "--interface, -o and the Ironic options apply")
     try:
-        return ask_rack_head(rack_head, image, agent, token_file)
+        return ask_rack_head(rack_head, image, agent, token_file, sha256, image_format)
     except ClientError as error:
         raise CommandError(str(error), EXIT_FAILED) from None
 

@@ -21,9 +21,11 @@ _token_option = click.option("--token-file", type=click.Path(dir_okay=False),
 
 
 def ask_rack_head(rack_head: str, image: str, agent: Optional[str],
-                  token_file: Optional[str]) -> SessionSpec:
+                  token_file: Optional[str], sha256: Optional[str] = None,
+                  image_format: Optional[str] = None) -> SessionSpec:
     """``session new --rack-head``: the daemon's spec for ``image``."""
-    spec, _ = request_session(rack_head, read_token(token_file), image, agent)
+    spec, _ = request_session(rack_head, read_token(token_file), image, agent, sha256,
+                              image_format)
     return spec
 
 

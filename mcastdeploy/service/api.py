@@ -1,7 +1,8 @@
 """The daemon's HTTP API: JSON in and out, every request authenticated.
 
-- ``POST /v1/sessions`` ``{"image": X, "agent": NAME, "sha256": HEX}`` -> ``{"spec": {...},
-  "joined": bool}``: the session spec for that agent (agent and sha256 optional).
+- ``POST /v1/sessions`` ``{"image": X, "agent": NAME, "sha256": HEX, "image_format":
+  "raw"|"qcow2"}`` -> ``{"spec": {...}, "joined": bool}``: the session spec for that agent
+  (all but the image optional; image_format says what sha256 pins, as in the spec).
 - ``GET /v1/status`` -> sessions in flight and recently ended, with their agents.
 - ``GET /metrics`` -> the Prometheus text format.
 
@@ -119,14 +120,14 @@ class ApiHandler(BaseHTTPRequestHandler):
         except ValueError:
             self._json(HTTPStatus.BAD_REQUEST, {"error": "the body is not a JSON object"})
             return
-        unknown = set(request) - {"image", "agent", "sha256"}
+        unknown = set(request) - {"image", "agent", "sha256", "image_format"}
         if unknown:
             self._json(HTTPStatus.BAD_REQUEST, {"error": f"unknown field {sorted(unknown)[0]}"})
             return
         try:
             spec, joined = self.server.service.request(
                 request.get("image"), request.get("agent"), self.client_address[0],
-                request.get("sha256"))
+                request.get("sha256"), request.get("image_format"))
         except RequestError as error:
             self._json(error.status, {"error": str(error)})
             return

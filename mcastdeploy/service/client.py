@@ -66,13 +66,14 @@ def _json(rack_head: str, answer: bytes) -> Any:
 
 
 def request_session(rack_head: str, token: str, image: str, agent: Optional[str] = None,
-                    sha256: Optional[str] = None) -> tuple[SessionSpec, bool]:
-    """Ask for ``image``: the session's spec, and whether it was already in flight."""
+                    sha256: Optional[str] = None,
+                    image_format: Optional[str] = None) -> tuple[SessionSpec, bool]:
+    """Ask for ``image`` (pinned to ``sha256`` of its ``image_format``, raw or qcow2, if
+    given): the session's spec, and whether it was already in flight."""
     body: dict[str, Any] = {"image": image}
-    if agent is not None:
-        body["agent"] = agent
-    if sha256 is not None:
-        body["sha256"] = sha256
+    for name, value in (("agent", agent), ("sha256", sha256), ("image_format", image_format)):
+        if value is not None:
+            body[name] = value
     _, answer = call(rack_head, token, "POST", "/v1/sessions", body)
     data = _json(rack_head, answer)
     try:

@@ -28,7 +28,7 @@ from mcastdeploy.service.events import log_event
 from mcastdeploy.service.rateshare import fair_shares
 from mcastdeploy.service.session import ImageSource, SessionControl, serve_image
 from mcastdeploy.service.table import AgentRecord, SessionRecord, SessionTable
-from mcastdeploy.spec import SessionSpec, new_session
+from mcastdeploy.spec import IMAGE_FORMATS, SessionSpec, new_session
 
 #: Finished sessions kept for ``status`` (with their agents' last reports).
 RECENT = 32
@@ -140,30 +140,42 @@ class Daemon:
         raise RequestError(f"no image {image!r} on this rack head", 404)
 
     def request(self, image: str, agent: Optional[str], address: str,
-                sha256: Optional[str] = None) -> tuple[SessionSpec, bool]:
+                sha256: Optional[str] = None,
+                image_format: Optional[str] = None) -> tuple[SessionSpec, bool]:
         """The spec for ``agent`` to receive ``image``, and whether it joined a session
-        already in flight."""
+        already in flight.  ``sha256`` pins the image as stored, which ``image_format``
+        says is raw (the default) or qcow2 (Ironic's checksum of a qcow2 image)."""
         if not isinstance(image, str) or not image:
             raise RequestError("the request needs an image")
         if agent is not None and (not isinstance(agent, str) or not _NAME.match(agent)):
             raise RequestError("agent must be a name of letters, digits, '.', '_' or '-'")
         if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.match(sha256)):
             raise RequestError("sha256 must be 64 lowercase hex digits")
+        if image_format is not None and image_format not in IMAGE_FORMATS:
+            raise RequestError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
+        if image_format is not None and sha256 is None:
+            raise RequestError("image_format says what sha256 pins: give both")
+        pins = {"image_sha256": sha256, "image_format": image_format or "raw"}
         source = self.resolve(image)
         name = agent or address
         with self.lock:
             if self._closing:
                 raise RequestError("the rack head is shutting down", 503)
-            live = self._joinable(image, sha256)
+            live = self._joinable(image, pins)
             if live is not None and self._join(live, name, address):
                 return live.record.spec, True
-            live = self._open(image, source, name, address, sha256)
+            live = self._open(image, source, name, address, pins)
             return live.record.spec, False
 
-    def _joinable(self, image: str, sha256: Optional[str]) -> Optional[LiveSession]:
+    def _joinable(self, image: str, pins: dict[str, Any]) -> Optional[LiveSession]:
+        """A session of ``image`` in flight and not ending, pinned as asked (a request
+        without a pin takes any)."""
         for live in self.sessions.values():
             spec = live.record.spec
-            if live.record.image == image and (sha256 is None or spec.image_sha256 == sha256):
+            pinned = pins["image_sha256"] is None or (
+                spec.image_sha256 == pins["image_sha256"]
+                and spec.image_format == pins["image_format"])
+            if live.record.image == image and pinned:
                 if not live.control.finishing and not live.control.stop_requested:
                     return live
         return None
@@ -184,14 +196,13 @@ class Daemon:
         return True
 
     def _open(self, image: str, source: ImageSource, name: str, address: str,
-              sha256: Optional[str]) -> LiveSession:
+              pins: dict[str, Any]) -> LiveSession:
         config = self.config
         in_use = [live.record.spec.group for live in self.sessions.values()]
         try:
             group = groups.allocate(config.groups, in_use)
         except groups.NoFreeGroup as error:
             raise RequestError(str(error), 503) from None
-        pins: dict[str, Any] = {"image_sha256": sha256}
         spec = new_session(group=group, port=config.port, interface=config.interface,
                            rate_bps=config.session_rate_bps or config.rate_bps,
                            rate_mode=config.rate_mode, symbol_size=config.symbol_size,

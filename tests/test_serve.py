@@ -140,15 +140,21 @@ def parse_metrics(text: str) -> dict[str, float]:
 # -- on loopback ----------------------------------------------------------------------------
 
 
+def start_local_daemon(directory, linger: float = 2.0) -> Daemon:
+    """A daemon on 127.0.0.1 multicasting on lo, serving images/small.raw (3 MB)."""
+    (directory / "images").mkdir()
+    sha = write_random(directory / "images" / "small.raw", 3 * 1024 * 1024 + 5, seed=81)
+    port = free_port()
+    config = write_config(directory, listen=f"127.0.0.1:{port}", interface="lo",
+                          rate="200M", gather=1.0, linger=linger)
+    daemon = Daemon(directory, config, f"http://127.0.0.1:{port}")
+    daemon.sha = sha
+    return daemon
+
+
 @pytest.fixture
 def local_daemon(tmp_path):
-    (tmp_path / "images").mkdir()
-    sha = write_random(tmp_path / "images" / "small.raw", 3 * 1024 * 1024 + 5, seed=81)
-    port = free_port()
-    config = write_config(tmp_path, listen=f"127.0.0.1:{port}", interface="lo", rate="200M",
-                          gather=1.0, linger=2.0)
-    daemon = Daemon(tmp_path, config, f"http://127.0.0.1:{port}")
-    daemon.sha = sha
+    daemon = start_local_daemon(tmp_path)
     yield daemon
     daemon.stop()
 
@@ -295,6 +301,40 @@ def test_sigterm_stops_the_daemon_and_its_table_keeps_the_sessions(local_daemon,
     assert f"event=session_resumed session={session_id}" in local_daemon.text()
     (view,) = json.loads(http(local_daemon.url, "/v1/status", TOKEN)[1])["sessions"]
     assert view["session_id"] == session_id and view["resumed"]
+
+
+def test_an_agent_done_is_in_the_table_and_not_waited_for_after_a_restart(tmp_path):
+    # A linger that outlasts the test: the session stays in flight, waiting for "absent".
+    local_daemon = start_local_daemon(tmp_path, linger=120.0)
+    try:
+        check_done_agents_survive_a_restart(local_daemon, tmp_path)
+    finally:
+        local_daemon.stop()
+
+
+def check_done_agents_survive_a_restart(local_daemon: Daemon, tmp_path) -> None:
+    url = local_daemon.url
+    spec = json.loads(http(url, "/v1/sessions", TOKEN, {"image": "small.raw",
+                                                        "agent": "quick"})[1])["spec"]
+    assert json.loads(http(url, "/v1/sessions", TOKEN, {"image": "small.raw",
+                                                        "agent": "absent"})[1])["joined"]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    code, _, err = finish(mcastdeploy("recv", "--session", str(tmp_path / "spec.json"),
+                                      "--json", "--timeout", "30", "--progress", "none",
+                                      str(tmp_path / "copy.raw")), timeout=DEADLINE)
+    assert code == 0, err
+    table = tmp_path / "state" / "sessions.json"
+    deadline = time.monotonic() + 10
+    while True:  # the session waits for "absent"; "quick" is recorded done
+        agents = json.loads(table.read_text())["sessions"][0]["agents"]
+        if {a["name"]: a["done"] for a in agents} == {"quick": True, "absent": False}:
+            break
+        assert time.monotonic() < deadline, agents
+        time.sleep(0.1)
+    local_daemon.kill()
+    local_daemon.start()
+    assert (f"event=session_resumed session={spec['session_id']} image=small.raw "
+            f"group={spec['group']} agents=2 waiting=1") in local_daemon.text()
 
 
 def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp_path):

@@ -302,3 +302,43 @@ def test_an_agent_counted_is_waited_for_and_one_after_the_end_is_refused():
     drive(now, lambda: sender.state is SenderState.FINISHED)
     assert sender.state is SenderState.FINISHED and control.finishing
     assert not control.add_agent() and control.agents == 2
+
+
+def test_a_restarted_daemon_waits_only_for_agents_not_done(tmp_path):
+    """Agents recorded done before a restart are not waited for; a session whose agents
+    were all done is not resumed at all."""
+    from mcastdeploy.service.daemon import Daemon
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.raw").write_bytes(b"x" * 5000)
+    config = configuration.ServeConfig(
+        token=TOKEN, interface="lo", state_dir=str(tmp_path / "state"),
+        cache_dir=str(tmp_path / "cache"), image_dir=str(tmp_path / "images"), gather=60.0)
+    first = Daemon(config)
+    first.start()
+    try:
+        spec, joined = first.request("a.raw", "n1", "10.0.0.1")
+        assert not joined
+        for name, address in (("n2", "10.0.0.2"), ("n3", "10.0.0.3")):
+            assert first.request("a.raw", name, address) == (spec, True)
+        record = first.sessions[spec.session_id].record
+        first._agent_done(record, "10.0.0.2")
+        first._agent_done(record, "10.0.0.9")  # nobody asked from there: nothing changes
+    finally:
+        first.close()
+    second = Daemon(config)
+    second.start()
+    try:
+        live = second.sessions[spec.session_id]
+        assert live.resumed and live.control.agents == 2
+        assert [a.name for a in live.record.agents if a.done] == ["n2"]
+        for address in ("10.0.0.1", "10.0.0.3"):
+            second._agent_done(live.record, address)
+    finally:
+        second.close()
+    third = Daemon(config)
+    third.start()
+    try:
+        assert third.sessions == {}
+    finally:
+        third.close()

@@ -90,21 +90,27 @@ class Daemon:
         records = self.table.load()
         with self.lock:
             for record in records:
+                waiting = sum(1 for agent in record.agents if not agent.done)
+                if not waiting:  # every agent had its image before the restart
+                    log_event("session_dropped", record.session_id, image=record.image,
+                              reason="every agent was done")
+                    continue
                 try:
                     source = self.resolve(record.image)
                 except RequestError as error:
                     log_event("session_dropped", record.session_id, image=record.image,
                               reason=str(error))
                     continue
+                # The agents still waiting are the ones the new sender waits for.
                 live = LiveSession(record, source,
-                                   SessionControl(self.config.rate_bps, len(record.agents)),
-                                   resumed=True)
+                                   self._control(record, waiting), resumed=True)
                 self.sessions[record.session_id] = live
             self._persist()
             self._reshare()
             for live in self.sessions.values():
                 log_event("session_resumed", live.record.session_id, image=live.record.image,
-                          group=live.record.spec.group, agents=len(live.record.agents))
+                          group=live.record.spec.group, agents=len(live.record.agents),
+                          waiting=live.control.agents)
                 self._launch(live)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -184,7 +190,7 @@ class Daemon:
         record = live.record
         for agent in record.agents:
             if agent.name == name:  # asked again (an agent that restarted): same spec
-                agent.address = address
+                agent.address, agent.done = address, False
                 self._persist()
                 return True
         if not live.control.add_agent():
@@ -209,7 +215,7 @@ class Daemon:
                            block_symbols=config.block_symbols, **pins)
         record = SessionRecord(spec, image, time.time(),
                                [AgentRecord(name, address, time.time())])
-        live = LiveSession(record, source, SessionControl(config.rate_bps, 1))
+        live = LiveSession(record, source, self._control(record, 1))
         self.sessions[spec.session_id] = live
         self._persist()
         self._reshare()
@@ -220,6 +226,22 @@ class Daemon:
         return live
 
     # -- sessions' threads ---------------------------------------------------------------
+
+    def _control(self, record: SessionRecord, agents: int) -> SessionControl:
+        return SessionControl(self.config.rate_bps, agents,
+                              on_done=lambda address: self._agent_done(record, address))
+
+    def _agent_done(self, record: SessionRecord, address: str) -> None:
+        """A receiver at ``address`` verified its image: one agent there is done (kept in
+        the table, so that a restarted daemon waits only for the others)."""
+        with self.lock:
+            agent = next((a for a in record.agents if a.address == address and not a.done),
+                         None)
+            if agent is None:
+                return  # a receiver nobody asked for here, or all there are done
+            agent.done = True
+            if record.session_id in self.sessions:
+                self._persist()
 
     def _launch(self, live: LiveSession) -> None:
         live.gather_until = time.monotonic() + self.config.gather

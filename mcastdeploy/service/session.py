@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from mcastdeploy.drivers.event_loop import EventLoop
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
@@ -63,6 +63,9 @@ class SessionControl:
     finishing: bool = False
     snapshot: dict = field(default_factory=lambda: {"state": "fetching"})
     source_bytes: int = 0
+    #: Called (from the session's thread) with the address of each receiver that reports
+    #: the image verified, so the daemon can record which agent is done.
+    on_done: Optional[Callable[[str], None]] = None
 
     def set_rate(self, rate_bps: int) -> None:
         with self.lock:
@@ -176,6 +179,11 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     def on_event(event: object, now: float) -> None:
         if isinstance(event, events.SessionEnded):
             ended.append(event)
+        elif isinstance(event, events.ReceiverDone) and event.checksum_ok \
+                and control.on_done is not None:
+            record = sender.receivers.get(event.receiver_id)
+            if record is not None:
+                control.on_done(str(record.address[0]))
 
     def finished() -> bool:
         with control.lock:

@@ -24,6 +24,8 @@ class AgentRecord:
     #: The agent's address as the daemon saw it: how its STATUS reports are told apart.
     address: str
     asked_at: float
+    #: It reported the image verified: a resumed session does not wait for it.
+    done: bool = False
 
 
 @dataclass

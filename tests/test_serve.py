@@ -588,6 +588,14 @@ def test_two_images_at_once_and_a_late_agent_joins(rack_head):
         time.sleep(0.2)
     assert shared is not None, "the two sessions were never in flight together"
     assert [v["rate_bps"] for v in shared] == [budget // 2] * 2, shared
+    metrics = parse_metrics(head.get("/metrics").decode())
+    in_flight = {v["session_id"] for v in head.status()["sessions"]}
+    rates = {name: value for name, value in metrics.items()
+             if name.startswith("mcastdeploy_session_rate_bps{")}
+    if len(in_flight) == 2:  # (one may have ended since)
+        assert sorted(rates.values()) == [budget // 2] * 2, rates
+        assert all(any(session in name for name in rates) for session in in_flight)
+    assert metrics["mcastdeploy_rate_budget_bps"] == budget
 
     summaries = head.wait_agents()
     assert summaries["r3"]["repairs_asked"] > 0  # it really was late

@@ -335,6 +335,9 @@ def check_done_agents_survive_a_restart(local_daemon: Daemon, tmp_path) -> None:
     local_daemon.start()
     assert (f"event=session_resumed session={spec['session_id']} image=small.raw "
             f"group={spec['group']} agents=2 waiting=1") in local_daemon.text()
+    (view,) = json.loads(http(url, "/v1/status", TOKEN)[1])["sessions"]
+    assert {a["name"]: a["state"] for a in view["agents"]} == {"quick": "done",
+                                                              "absent": "asked"}
 
 
 def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp_path):

@@ -71,6 +71,9 @@ class Totals:
 
 
 class Daemon:
+    """The sessions in flight and what ended recently; every method may be called from any
+    thread (the API's, the sessions')."""
+
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.table = SessionTable(config.state_dir)
@@ -136,7 +139,7 @@ class Daemon:
             if not config.allow_urls:
                 raise RequestError(f"image {image!r} is not one this rack head serves "
                                    "(URLs are not allowed: allow_urls)", 403)
-            if not image.split("://", 1)[0].lower() in ("http", "https", "swift"):
+            if image.split("://", 1)[0].lower() not in ("http", "https", "swift"):
                 raise RequestError(f"image {image!r}: only http, https and swift URLs")
             return ImageSource(image, urls=(image,))
         if config.image_dir is not None and _NAME.match(image):
@@ -320,7 +323,10 @@ class Daemon:
         agents = []
         for agent in sorted(record.agents, key=lambda a: a.asked_at):
             heard = by_address.get(agent.address)
-            row = heard.pop(0) if heard else {"state": "asked", "progress": 0.0,
+            # Unheard: it has asked and not joined yet, or (resumed session) it was done
+            # before the daemon restarted.
+            row = heard.pop(0) if heard else {"state": "done" if agent.done else "asked",
+                                              "progress": 1.0 if agent.done else 0.0,
                                               "blocks_done": 0, "packets_lost": 0,
                                               "packets_received": 0, "loss": 0.0,
                                               "repairs_asked": 0, "source": None}

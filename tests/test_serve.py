@@ -43,7 +43,7 @@ def free_port() -> int:
 
 
 def write_config(directory, *, listen: str, interface: str, rate: str, gather: float = 1.0,
-                 linger: float = 3.0, extra: str = "") -> str:
+                 linger: float = 3.0, serve_extra: str = "", extra: str = "") -> str:
     (directory / "token").write_text(TOKEN + "\n")
     os.chmod(directory / "token", 0o600)
     path = directory / "serve.ini"
@@ -56,7 +56,7 @@ linger = {linger:g}
 token_file = token
 state_dir = state
 image_dir = images
-[cache]
+{serve_extra}[cache]
 dir = cache
 limit = 1G
 {extra}""")
@@ -338,6 +338,71 @@ def check_done_agents_survive_a_restart(local_daemon: Daemon, tmp_path) -> None:
     (view,) = json.loads(http(url, "/v1/status", TOKEN)[1])["sessions"]
     assert {a["name"]: a["state"] for a in view["agents"]} == {"quick": "done",
                                                               "absent": "asked"}
+
+
+def self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (an IP subject alternative name) and its key, PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rack head")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert, key_path = directory / "api.crt", directory / "api.key"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return str(cert), str(key_path)
+
+
+def test_the_api_over_tls(tmp_path):
+    """With tls_cert/tls_key the API speaks HTTPS only; a client that trusts the rack head's
+    certificate (SSL_CERT_FILE) gets its session, one that does not is told in one line."""
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "images").mkdir()
+    write_random(tmp_path / "images" / "small.raw", 64 * 1024, seed=85)
+    port = free_port()
+    config = write_config(tmp_path, listen=f"127.0.0.1:{port}", interface="lo", rate="200M",
+                          serve_extra=f"tls_cert = {cert}\ntls_key = {key}\n")
+    daemon = Daemon(tmp_path, config, f"https://127.0.0.1:{port}")
+    try:
+        assert "tls=true" in daemon.text()
+        trusted = dict(ENV, SSL_CERT_FILE=cert, MCASTDEPLOY_TOKEN=TOKEN)
+        untrusted = dict(ENV, MCASTDEPLOY_TOKEN=TOKEN)
+        untrusted.pop("SSL_CERT_FILE", None)
+        argv = [sys.executable, "-m", "mcastdeploy", "session", "new", "--rack-head",
+                daemon.url, "--image", "small.raw"]
+        code, out, err = finish(subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True,
+                                                 env=trusted), timeout=30)
+        assert code == 0, err
+        assert json.loads(out)["session_id"]
+        code, _, err = finish(subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True,
+                                               env=untrusted), timeout=30)
+        assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        plain = f"http://127.0.0.1:{port}"
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            http(plain, "/v1/status", TOKEN)
+    finally:
+        daemon.stop()
 
 
 def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp_path):

@@ -145,6 +145,9 @@ ST_AUTH = http://swift.example/auth/v1.0
     (f"[serve]\ntoken = {TOKEN}\n[extras]\n", "unknown config section"),
     (f"[serve]\ntoken = {TOKEN}\n[images]\nx = not-a-url\n", "URLs"),
     ("no section at all\n", "not a valid INI"),
+    (f"[serve]\ntoken = {TOKEN}\ntls_cert = api.crt\n", "tls_cert and tls_key"),
+    (f"[serve]\ntoken = {TOKEN}\ntls_cert = nowhere.crt\ntls_key = nowhere.key\n",
+     "is not a file"),
 ])
 def test_bad_config_is_one_line(tmp_path, text, message):
     with pytest.raises(configuration.ConfigError) as error:
@@ -245,12 +248,14 @@ def test_the_documented_example_config_loads(tmp_path):
     start = text.index("    [serve]\n")
     example = text[start:text.index("\nComments start with", start)]
     example = "\n".join(line[4:] for line in example.splitlines())
-    (tmp_path / "token").write_text(TOKEN)
-    example = example.replace("/etc/mcastdeploy/token", str(tmp_path / "token"))
+    for name, content in (("token", TOKEN), ("api.crt", "certificate"), ("api.key", "key")):
+        (tmp_path / name).write_text(content)
+        example = example.replace(f"/etc/mcastdeploy/{name}", str(tmp_path / name))
     loaded = configuration.load(write_config(tmp_path, example))
     assert loaded.listen == ("10.20.0.1", 6780) and loaded.interface == "eth1"
     assert (loaded.rate_bps, loaded.session_rate_bps) == (800_000_000, 500_000_000)
     assert loaded.token == TOKEN and loaded.allow_urls is False
+    assert loaded.tls_cert == str(tmp_path / "api.crt")
     assert loaded.cache_limit == 400 << 30 and loaded.symbol_size == 1400
     assert loaded.images["ubuntu-22.04"] == ["swift://images/ubuntu-22.04.raw",
                                              "https://mirror.example/ubuntu-22.04.raw"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import sys
 import time
 from typing import Any, Optional
@@ -69,6 +70,8 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
     service = Daemon(settings)
     try:
         server = ApiServer(settings.listen, service)
+    except ssl.SSLError as error:
+        raise CommandError(f"cannot use tls_cert/tls_key: {error.reason or error}") from None
     except OSError as error:
         raise CommandError(f"cannot listen on {settings.listen[0]}:{settings.listen[1]}: "
                            f"{error.strerror}") from None
@@ -83,7 +86,8 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
 
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    events.log_event("serving", address=f"{host}:{port}", interface=settings.interface,
+    events.log_event("serving", address=f"{host}:{port}", tls=settings.tls_cert is not None,
+                     interface=settings.interface,
                      groups=str(settings.groups), budget_bps=settings.rate_bps)
     try:
         server.serve_forever(poll_interval=0.25)

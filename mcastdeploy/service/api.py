@@ -8,13 +8,15 @@
 
 Authentication is a bearer token (``Authorization: Bearer TOKEN``), compared in constant
 time; anything else gets 401 before the request is looked at.  The answer to a session
-request holds the session key, so the API belongs on the rack's management network.
+request holds the session key, so the API belongs on the rack's management network, or
+behind TLS (``tls_cert``/``tls_key`` in the config).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import ssl
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +36,16 @@ class ApiServer(ThreadingHTTPServer):
         self.service = daemon
         self.token = daemon.config.token.encode()
         super().__init__(address, ApiHandler)
+        config = daemon.config
+        if config.tls_cert is not None:
+            # Answers carry session keys and requests the token: on a network others can
+            # listen to, only over TLS.  The handshake is the handler thread's (setup), so
+            # a slow client never holds up accept().
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+            self.socket = context.wrap_socket(self.socket, server_side=True,
+                                              do_handshake_on_connect=False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that broke (a client gone mid-answer): one event line, not the
@@ -48,6 +60,13 @@ class ApiHandler(BaseHTTPRequestHandler):
     server_version = "mcastdeploy"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    #: Seconds a connection may stay silent (a client that connects and says nothing).
+    timeout = 30
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass  # answers worth an event are logged once, by _answer

@@ -46,7 +46,7 @@ MIN_TOKEN_CHARS = 16
 _SECTIONS = {"serve", "cache", "images", "swift"}
 _SERVE_KEYS = {"listen", "interface", "groups", "port", "rate", "session_rate", "gather",
                "linger", "state_dir", "token", "token_file", "image_dir", "allow_urls",
-               "rate_mode", "symbol_size", "block_symbols"}
+               "rate_mode", "symbol_size", "block_symbols", "tls_cert", "tls_key"}
 _CACHE_KEYS = {"dir", "limit", "connections"}
 
 
@@ -87,6 +87,9 @@ class ServeConfig:
     allow_urls: bool = False
     #: ST_* / OS_* settings for swift:// sources, as the swift command line reads them.
     swift_environ: dict[str, str] = field(default_factory=dict)
+    #: PEM certificate (chain) and key: the API speaks HTTPS (None: plain HTTP).
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
 
     def with_overrides(self, **changes: Any) -> "ServeConfig":
         """A copy with the command line's settings (None: not given) applied."""
@@ -179,6 +182,13 @@ def from_parser(parser: configparser.ConfigParser, base: str = ".") -> ServeConf
             settings["state_dir"] = os.path.join(base, serve["state_dir"])
         if serve.get("image_dir"):
             settings["image_dir"] = os.path.join(base, serve["image_dir"])
+        if ("tls_cert" in serve) != ("tls_key" in serve):
+            raise ConfigError("set both tls_cert and tls_key in [serve], or neither")
+        for name in ("tls_cert", "tls_key"):
+            if name in serve:
+                settings[name] = path = os.path.join(base, serve[name])
+                if not os.path.isfile(path):
+                    raise ConfigError(f"{name} {path} is not a file")
         if "allow_urls" in serve:
             settings["allow_urls"] = parser.getboolean("serve", "allow_urls")
         if "dir" in cache:

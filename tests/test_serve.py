@@ -656,6 +656,9 @@ def test_two_images_at_once_and_a_late_agent_joins(rack_head):
         time.sleep(0.2)
     assert shared is not None, "the two sessions were never in flight together"
     assert [v["rate_bps"] for v in shared] == [budget // 2] * 2, shared
+    # Agents' own rates (from their reports) are there, and none beyond what is sent.
+    agent_rates = [a["rate_bps"] for v in shared for a in v["agents"]]
+    assert all(0 <= rate <= 1.5 * budget for rate in agent_rates), shared
     metrics = parse_metrics(head.get("/metrics").decode())
     in_flight = {v["session_id"] for v in head.status()["sessions"]}
     rates = {name: value for name, value in metrics.items()

@@ -347,3 +347,17 @@ def test_a_restarted_daemon_waits_only_for_agents_not_done(tmp_path):
         assert third.sessions == {}
     finally:
         third.close()
+
+
+def test_an_agents_rate_is_from_its_own_reports():
+    from mcastdeploy.service.session import ReceiveRates
+
+    rates = ReceiveRates(block_bytes=1000)
+    assert rates.update(1, 0, heard_at=0.0, now=0.1, done=False) == 0.0
+    assert rates.update(1, 100, heard_at=1.0, now=1.1, done=False) == 800_000.0
+    assert rates.update(1, 100, heard_at=1.0, now=1.9, done=False) == 800_000.0  # no news
+    assert rates.update(1, 350, heard_at=2.0, now=2.2, done=False) == 2_000_000.0
+    assert rates.update(1, 350, heard_at=2.0, now=5.5, done=False) == 0.0  # silent 3.5 s
+    assert rates.update(2, 10, heard_at=2.0, now=2.0, done=False) == 0.0  # first report
+    assert rates.update(2, 20, heard_at=3.0, now=3.0, done=True) == 0.0  # done
+    assert rates.update(1, 5, heard_at=6.0, now=6.0, done=False) == 0.0  # restarted

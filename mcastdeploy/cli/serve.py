@@ -164,10 +164,11 @@ def render_table(data: dict) -> str:
             if view.get("reason"):
                 lines.append(f"  ended: {view['reason']}")
             lines.append(f"  {'AGENT':<20} {'ADDRESS':<15} {'STATE':<10} {'PROGRESS':>8} "
-                         f"{'LOSS':>6} {'REPAIRS':>7} SOURCE")
+                         f"{'RATE':>7} {'LOSS':>6} {'REPAIRS':>7} SOURCE")
             for agent in view["agents"]:
                 lines.append(
                     f"  {agent['name'][:20]:<20} {agent['address']:<15} {agent['state']:<10} "
-                    f"{100 * agent['progress']:>7.0f}% {100 * agent['loss']:>5.1f}% "
+                    f"{100 * agent['progress']:>7.0f}% {_rate(agent.get('rate_bps', 0)):>7} "
+                    f"{100 * agent['loss']:>5.1f}% "
                     f"{agent['repairs_asked']:>7} {agent.get('source') or '-'}")
     return "\n".join(lines)

@@ -190,13 +190,15 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
             stop = control.stop_requested
         return stop or (sender.state is SenderState.FINISHED and sender.get_timer() is None)
 
+    rates = ReceiveRates(geometry.block_bytes)
     loop = EventLoop(_Guarded(sender, control, gather_until), [sock], sock,
                      on_event=on_event, before_send=steer,
-                     on_tick=lambda now: control.publish(**snapshot(sender, now - started)),
+                     on_tick=lambda now: control.publish(
+                         **snapshot(sender, now - started, rates, now)),
                      finished=finished)
     loop.run()
     seconds = time.monotonic() - started
-    control.publish(**snapshot(sender, seconds))
+    control.publish(**snapshot(sender, seconds, rates, time.monotonic()))
     stats = sender.stats
     known = len(sender.receivers)
     done = sum(1 for record in sender.receivers.values() if record.done)
@@ -288,12 +290,44 @@ def apply_share(sender: Sender, rate_bps: int) -> None:
         controller.rate_bps = rate_bps
 
 
-def snapshot(sender: Sender, elapsed: float) -> dict:
-    """The sender and every receiver it knows, as plain data for status and metrics."""
+class ReceiveRates:
+    """Each receiver's rate from its own progress reports: the blocks between its last two
+    reports that moved, over the time between them (STATUS comes about once a second, so
+    the rate is over about a second), 0 once done or silent for ``STALE`` seconds."""
+
+    STALE = 3.0
+
+    def __init__(self, block_bytes: int) -> None:
+        self.block_bytes = block_bytes
+        self._last: dict[int, tuple[float, int]] = {}
+        self._rate: dict[int, float] = {}
+
+    def update(self, origin: int, blocks_done: int, heard_at: float, now: float,
+               done: bool) -> float:
+        """Bits per second; ``heard_at``: when the report with ``blocks_done`` came."""
+        last = self._last.get(origin)
+        if last is None or blocks_done < last[1]:  # new, or a restarted receiver
+            self._last[origin] = (heard_at, blocks_done)
+            self._rate[origin] = 0.0
+        elif blocks_done > last[1] and heard_at > last[0]:
+            self._rate[origin] = ((blocks_done - last[1]) * self.block_bytes * 8
+                                  / (heard_at - last[0]))
+            self._last[origin] = (heard_at, blocks_done)
+        if done or now - self._last[origin][0] > self.STALE:
+            self._rate[origin] = 0.0
+        return self._rate[origin]
+
+
+def snapshot(sender: Sender, elapsed: float, rates: Optional[ReceiveRates] = None,
+             now: float = 0.0) -> dict:
+    """The sender and every receiver it knows, as plain data for status and metrics;
+    ``rates`` (kept between calls) adds each receiver's rate as of ``now``."""
     geometry = sender.geometry
     receivers = []
     for origin, record in sender.receivers.items():
         total = record.packets_lost + record.packets_received
+        rate = 0.0 if rates is None else rates.update(
+            origin, record.blocks_done, record.last_seen, now, record.done)
         receivers.append({
             "origin": f"{origin:08x}", "address": str(record.address[0]),
             "state": "done" if record.done else record.state.name.lower(),
@@ -302,7 +336,7 @@ def snapshot(sender: Sender, elapsed: float) -> dict:
             "packets_received": record.packets_received,
             "packets_lost": record.packets_lost,
             "loss": record.packets_lost / total if total else 0.0,
-            "repairs_asked": record.symbols_asked,
+            "repairs_asked": record.symbols_asked, "rate_bps": int(rate),
             "first_seen": record.first_seen,
             # Every block comes by multicast from this sender for now; peers and the
             # origin store become other sources when agents seed each other.
@@ -314,8 +348,8 @@ def snapshot(sender: Sender, elapsed: float) -> dict:
         "bytes_total": geometry.image_size,
         "bytes_done": min(geometry.image_size,
                           sender.pass_position() * geometry.block_bytes),
-        # What the agents asked for, summed: the sender merges requests for one block.
         "bytes_sent": stats.bytes_sent,
+        # What the agents asked for, summed: the sender merges requests for one block.
         "repairs_asked": sum(row["repairs_asked"] for row in receivers),
         "repairs_sent": stats.repair_packets, "rate_bps": int(sender.rate.rate_bps),
         "receivers": receivers,

@@ -121,6 +121,15 @@ class GrowingImage:
             return self._cached
 
     @property
+    def bytes_fetched(self) -> int:
+        """Bytes this download pulled from the source (0 for a cache hit, or before it
+        finished: the fetch counts them at its end)."""
+        with self._lock:
+            cached = self._cached
+        fetched = None if cached is None else cached.fetched
+        return 0 if fetched is None else fetched.bytes_fetched
+
+    @property
     def sha256(self) -> bytes:
         """The whole image's SHA-256, as the download computed and checked it."""
         digest = self.result().sha256

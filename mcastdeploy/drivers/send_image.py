@@ -10,11 +10,11 @@ arrives).
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from mcastdeploy.drivers.growing_image import GrowingImage
-from mcastdeploy.drivers.send_session import (SendProgress, SendSummary, run_send,
-                                              run_send_download)
+from mcastdeploy.drivers.send_session import (SendHooks, SendProgress, SendSummary,
+                                              run_send, run_send_download)
 from mcastdeploy.drivers.sources import ImageCache, is_remote, readers_for
 from mcastdeploy.drivers.sources.qcow2 import QCOW2_MAGIC, sendable
 from mcastdeploy.spec import SessionSpec
@@ -27,35 +27,41 @@ FIRST_BYTES_TIMEOUT = 300.0
 def send_image(spec: SessionSpec, image: str, *, copies: Sequence[str] = (),
                cache: ImageCache, min_receivers: int = 0, wait: Optional[float] = None,
                linger: float = 5.0,
-               on_progress: Optional[Callable[[SendProgress], None]] = None) -> SendSummary:
+               on_progress: Optional[Callable[[SendProgress], None]] = None,
+               hooks: Optional[SendHooks] = None,
+               environ: Optional[Mapping[str, str]] = None) -> SendSummary:
     """Multicast ``image`` (a path, or a URL with ``copies`` of it) per ``spec``.
 
     A URL the cache holds is sent from there (no network). Otherwise the download starts
     and, as soon as its first bytes are in, the multicast pass follows it, unless the
-    image is qcow2 (it must be whole to be converted). Raises SourceError, FetchError,
-    NetworkError (one-line messages) for what cannot be sent.
+    image is qcow2 (it must be whole to be converted). ``environ`` holds Swift
+    credentials (the process's environment by default); ``hooks`` let a caller steer
+    the send (send_session.SendHooks). Raises SourceError, FetchError, NetworkError
+    (one-line messages) for what cannot be sent.
     """
     started = time.monotonic()
     options = dict(min_receivers=min_receivers, wait=wait, linger=linger,
-                   on_progress=on_progress)
+                   on_progress=on_progress, hooks=hooks, started=started)
     if not is_remote(image):
         if copies:
             raise ValueError("copies need the image to be a URL")
         with sendable(image, spec, cache) as path:  # raw as is; qcow2 via the cache
             return run_send(spec, path, **options)
-    with GrowingImage(cache, image, readers_for([image, *copies]),
+    with GrowingImage(cache, image, readers_for([image, *copies], environ=environ),
                       spec.image_sha256) as download:
         download.start()
         download.wait_started(cache.lock_timeout + FIRST_BYTES_TIMEOUT)
         if not download.finished and not _maybe_qcow2(spec, download):
-            return run_send_download(spec, download, started=started, **options)
-        download.wait_finished(cache.lock_timeout + FIRST_BYTES_TIMEOUT)
-        cached = download.result()  # raises the download's error
-        entry = cache.entry_id(image, spec.image_sha256)
-        with sendable(cached.path, spec, cache, key="cache:" + entry,
-                      sha256_verified=spec.image_sha256 is not None) as path:
-            summary = run_send(spec, path, **options)
+            summary = run_send_download(spec, download, **options)
+        else:
+            download.wait_finished(cache.lock_timeout + FIRST_BYTES_TIMEOUT)
+            cached = download.result()  # raises the download's error
+            entry = cache.entry_id(image, spec.image_sha256)
+            with sendable(cached.path, spec, cache, key="cache:" + entry,
+                          sha256_verified=spec.image_sha256 is not None) as path:
+                summary = run_send(spec, path, **options)
         summary.fetch_seconds = download.fetch_seconds
+        summary.bytes_fetched = download.bytes_fetched
         return summary
 
 

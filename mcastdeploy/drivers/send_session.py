@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
 
 from mcastdeploy.drivers.event_loop import EventLoop, Wakeup
 from mcastdeploy.drivers.growing_image import GrowingImage
@@ -61,19 +61,53 @@ class SendSummary:
     first_data_after_s: Optional[float] = None
     #: How long the download from a URL took (None: a local image; ~0: a cache hit).
     fetch_seconds: Optional[float] = None
+    #: Bytes this send pulled from the image's source (0: a local image or a cache hit).
+    bytes_fetched: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"role": "send"}
 
 
+@dataclass
+class SendHooks:
+    """How a caller steers a send from outside without a loop of its own: the rack-head
+    service sets the rate share, counts the agents it promised a session to, and reads
+    snapshots for its status page. The command line uses none of them.
+
+    ``configure`` edits the Sender's config before the Sender is made; ``wrap`` gives
+    the object the event loop drives (the Sender itself by default); ``before_send``,
+    ``on_tick`` and ``on_event`` run on the loop's thread with the Sender; ``stopped``
+    ends the loop early (the summary then says "stopped").
+    """
+
+    configure: Optional[Callable[[SenderConfig], None]] = None
+    wrap: Optional[Callable[[Sender], Any]] = None
+    before_send: Optional[Callable[[Sender, float], None]] = None
+    on_tick: Optional[Callable[[Sender, float], None]] = None
+    on_event: Optional[Callable[[Sender, object, float], None]] = None
+    stopped: Optional[Callable[[], bool]] = None
+
+
+@dataclass
+class SendOptions:
+    min_receivers: int = 0
+    wait: Optional[float] = None
+    linger: float = 5.0
+    on_progress: Optional[Callable[[SendProgress], None]] = None
+    hooks: SendHooks = field(default_factory=SendHooks)
+
+
 def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
              wait: Optional[float] = None, linger: float = 5.0,
-             on_progress: Optional[Callable[[SendProgress], None]] = None) -> SendSummary:
+             on_progress: Optional[Callable[[SendProgress], None]] = None,
+             hooks: Optional[SendHooks] = None,
+             started: Optional[float] = None) -> SendSummary:
     """Multicast ``image_path`` per ``spec`` until every receiver is done or ``linger`` ends.
 
     Raises NetworkError/SourceError for unusable settings before anything is sent.
     """
-    started = time.monotonic()
+    options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
+    started = time.monotonic() if started is None else started
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
     image = LocalImage(image_path)
@@ -84,8 +118,8 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
             raise SourceError(f"image {image_path} does not match the session's sha256")
         sock = open_sender_socket(interface, spec.ttl)
         try:
-            return _run(spec, image, checksum, SenderManifest(block_hashes), sock,
-                        _Options(min_receivers, wait, linger, on_progress), started)
+            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, options,
+                        started)
         finally:
             sock.close()
     finally:
@@ -95,6 +129,7 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
 def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receivers: int = 0,
                       wait: Optional[float] = None, linger: float = 5.0,
                       on_progress: Optional[Callable[[SendProgress], None]] = None,
+                      hooks: Optional[SendHooks] = None,
                       started: Optional[float] = None) -> SendSummary:
     """Multicast an image while ``download`` (started, with its first bytes in) is still
     bringing it into the cache: blocks go out as soon as they and their chunk of the
@@ -103,6 +138,7 @@ def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receiver
     it. A failed download ends the session (END): no receiver reports an image done that
     the sender could not vouch for.
     """
+    options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
     started = time.monotonic() if started is None else started
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
@@ -113,14 +149,12 @@ def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receiver
         sock = open_sender_socket(interface, spec.ttl)
         try:
             feed = _DownloadFeed(download, image, geometry, manifest)
-            summary = _run(spec, image, spec.disk_checksum, manifest, sock,
-                           _Options(min_receivers, wait, linger, on_progress), started,
+            summary = _run(spec, image, spec.disk_checksum, manifest, sock, options, started,
                            feed=feed, wakeup=download.wakeup)
         finally:
             sock.close()
     finally:
         image.close()
-    summary.fetch_seconds = download.fetch_seconds
     if feed.failure is not None:
         summary.ok = False
         summary.reason = feed.failure
@@ -181,18 +215,11 @@ class _DownloadFeed:
                 sender.abort(self.failure, now)
 
 
-@dataclass
-class _Options:
-    min_receivers: int
-    wait: Optional[float]
-    linger: float
-    on_progress: Optional[Callable[[SendProgress], None]]
-
-
 def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
-         manifest: SenderManifest, sock, options: _Options, started: float, *,
+         manifest: SenderManifest, sock, options: SendOptions, started: float, *,
          feed: Optional[Callable[[Sender, float], None]] = None,
          wakeup: Optional[Wakeup] = None) -> SendSummary:
+    hooks = options.hooks
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
         session_id=spec.session_number,
@@ -211,6 +238,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
         key=spec.key_bytes,
         encrypt=spec.encrypt,
     )
+    if hooks.configure is not None:
+        hooks.configure(config)
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
                     manifest=manifest)
     geometry = sender.geometry
@@ -219,6 +248,8 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
     ended: list[events.SessionEnded] = []
 
     def supply(now: float) -> None:
+        if hooks.before_send is not None:
+            hooks.before_send(sender, now)
         if feed is not None:
             feed(sender, now)
         for block in sender.blocks_wanted():
@@ -228,26 +259,41 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
     def on_event(event: object, now: float) -> None:
         if isinstance(event, events.SessionEnded):
             ended.append(event)
+        if hooks.on_event is not None:
+            hooks.on_event(sender, event, now)
 
-    def progress(now: float) -> None:
+    def tick(now: float) -> None:
         if options.on_progress is not None:
             options.on_progress(_progress(sender, now - started))
+        if hooks.on_tick is not None:
+            hooks.on_tick(sender, now)
 
-    loop = EventLoop(sender, [sock], sock, on_event=on_event, before_send=supply,
-                     on_tick=progress, wakeup=wakeup,
-                     finished=lambda: sender.state is SenderState.FINISHED
-                     and sender.get_timer() is None)
+    def finished() -> bool:
+        if hooks.stopped is not None and hooks.stopped():
+            return True
+        return sender.state is SenderState.FINISHED and sender.get_timer() is None
+
+    protocol = sender if hooks.wrap is None else hooks.wrap(sender)
+    loop = EventLoop(protocol, [sock], sock, on_event=on_event, before_send=supply,
+                     on_tick=tick, wakeup=wakeup, finished=finished)
     loop.run()
     seconds = time.monotonic() - started
-    progress(time.monotonic())
-    end = ended[-1]
+    tick(time.monotonic())
     stats = sender.stats
     known = len(sender.receivers)
     done = sum(1 for record in sender.receivers.values() if record.done)
-    ok = known > 0 and done == known and done >= options.min_receivers
-    reason = end.reason if ok else (
-        "no receiver joined" if not known else f"{known - done} of {known} receivers did not "
-        f"report done ({end.reason})")
+    wanted = max(sender.config.min_receivers, 1)  # the live count: a service may raise it
+    ok = bool(ended) and known > 0 and done == known and done >= wanted
+    if not ended:
+        reason = "stopped"
+    elif ok:
+        reason = ended[-1].reason
+    elif not known:
+        reason = "no receiver joined"
+    else:
+        expected = max(known, wanted)
+        reason = (f"{expected - done} of {expected} receivers did not report done "
+                  f"({ended[-1].reason})")
     return SendSummary(
         ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,

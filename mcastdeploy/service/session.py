@@ -1,9 +1,9 @@
-"""One session of the daemon, run in a thread of its own: the image into the cache (once),
-then a Sender multicasting it, steerable from the daemon's other threads.
+"""One session of the daemon, run in a thread of its own: the image pulled into the cache
+(once) and multicast while it arrives, by the same ``send_image`` as ``mcastdeploy send``,
+steerable from the daemon's other threads.
 
-``serve_image`` is the whole of a session's work in one function, so that a pipelined
-path (multicasting the ranges fetched so far while the rest arrives) can replace it
-without touching the daemon.  The daemon talks to it only through a
+``serve_image`` is the whole of a session's work in one function.  The daemon talks to it
+only through a
 :class:`SessionControl`: the rate it may use and how many agents asked go in, a snapshot
 of the sender and its receivers comes out.  The snapshot is made by the session's own
 thread (between two steps of its event loop), so the daemon never reads the Sender's
@@ -12,24 +12,15 @@ dictionaries while they change.
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from mcastdeploy.drivers.event_loop import EventLoop
-from mcastdeploy.drivers.image_source import LocalImage, SourceError
-from mcastdeploy.drivers.send_session import SendSummary
-from mcastdeploy.drivers.sources import ImageCache, readers_for
-from mcastdeploy.drivers.sources.qcow2 import sendable
-from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
-from mcastdeploy.drivers.memory import peak_rss_mb
+from mcastdeploy.drivers.send_image import send_image
+from mcastdeploy.drivers.send_session import SendHooks, SendSummary
+from mcastdeploy.drivers.sources import ImageCache
 from mcastdeploy.protocol import events
-from mcastdeploy.protocol.geometry import ImageGeometry
-from mcastdeploy.protocol.intake import rejected
-from mcastdeploy.protocol.manifest import SenderManifest
 from mcastdeploy.protocol.ratecontrol import AutoRate
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
@@ -96,131 +87,51 @@ class SessionControl:
 def serve_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
                 control: SessionControl, *, gather_until: float, linger: float,
                 environ: Optional[Mapping[str, str]] = None) -> SendSummary:
-    """The whole of one session: the image fetched into ``cache`` once (or a local file),
-    converted to raw if qcow2, then multicast per ``spec``: the pass begins at
-    ``gather_until`` (time.monotonic) or once the image is ready, whichever is later, and
-    the session ends when every agent is done, or nobody asked for ``linger`` seconds
-    (or at ``control.stop()``)."""
-    with _raw_image(spec, source, cache, control, environ) as path:
-        return _multicast(spec, path, control, gather_until, linger)
-
-
-@contextlib.contextmanager
-def _raw_image(spec: SessionSpec, source: ImageSource, cache: ImageCache,
-               control: SessionControl,
-               environ: Optional[Mapping[str, str]]) -> Iterator[str]:
-    if source.path is not None:
-        with sendable(source.path, spec, cache) as path:
-            yield path
-        return
-    readers = readers_for(list(source.urls), environ=environ)
-    key = source.urls[0]
-    with cache.get_or_fetch(key, readers, spec.image_sha256) as cached:
-        if cached.fetched is not None:
-            with control.lock:
-                control.source_bytes += cached.fetched.bytes_fetched
-        entry = cache.entry_id(key, spec.image_sha256)
-        with sendable(cached.path, spec, cache, key="cache:" + entry,
-                      sha256_verified=spec.image_sha256 is not None) as path:
-            yield path
-
-
-def _multicast(spec: SessionSpec, path: str, control: SessionControl, gather_until: float,
-               linger: float) -> SendSummary:
-    check_group(spec.group)
-    interface = resolve_interface(spec.interface)
-    image = LocalImage(path)
-    try:
-        if spec.disk_size is not None and spec.disk_size != image.size:
-            raise SourceError(f"image is {image.size} bytes, the session spec says "
-                              f"{spec.disk_size}")
-        geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
-        checksum, block_hashes = image.digests(geometry.block_bytes)
-        if spec.disk_checksum is not None and checksum != spec.disk_checksum:
-            raise SourceError("image does not match the session's sha256")
-        sock = open_sender_socket(interface, spec.ttl)
-        try:
-            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, control,
-                        gather_until, linger)
-        finally:
-            sock.close()
-    finally:
-        image.close()
-
-
-def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest,
-         sock: Any, control: SessionControl, gather_until: float,
-         linger: float) -> SendSummary:
-    reply_host, reply_port = sock.getsockname()[:2]
-    config = SenderConfig(
-        session_id=spec.session_number, group=(spec.group, spec.port),
-        rate_bps=control.rate_bps, auto_rate=spec.rate_mode == "auto",
-        symbol_size=spec.symbol_size, block_symbols=spec.block_symbols,
-        proactive_repair=spec.proactive_repair, auto_proactive=spec.proactive_mode == "auto",
-        min_receivers=_NOT_BEFORE_THE_WINDOW, linger=linger,
-        wait=max(0.0, gather_until - time.monotonic()) + JOIN_GRACE,
-        reply_host=reply_host, reply_port=reply_port, key=spec.key_bytes,
-        encrypt=spec.encrypt)
-    sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
-                    manifest=manifest)
-    geometry = sender.geometry
+    """The whole of one session: the image pulled into ``cache`` once (or a local file)
+    and multicast per ``spec`` while it downloads (drivers/send_image.py; a qcow2 image
+    is converted to raw first). The pass begins at ``gather_until`` (time.monotonic) at
+    the earliest; the session ends when every agent is done, or nobody asked for
+    ``linger`` seconds (or at ``control.stop()``)."""
     started = time.monotonic()
-    ended: list[events.SessionEnded] = []
+    rates: Optional[ReceiveRates] = None  # once the image's geometry is known
 
-    def steer(now: float) -> None:
-        """Apply the daemon's rate share, then supply the blocks the sender wants."""
+    def configure(config: SenderConfig) -> None:
+        with control.lock:
+            config.rate_bps = control.rate_bps
+        # Not before the window closes; then _Guarded counts the agents that asked.
+        config.min_receivers = _NOT_BEFORE_THE_WINDOW
+        config.wait = max(0.0, gather_until - time.monotonic()) + JOIN_GRACE
+
+    def steer(sender: Sender, now: float) -> None:
         with control.lock:
             rate = control.rate_bps
         apply_share(sender, rate)
-        for block in sender.blocks_wanted():
-            sender.supply_block(block, image.read(geometry.offset(block),
-                                                  geometry.block_length(block)))
 
-    def on_event(event: object, now: float) -> None:
-        if isinstance(event, events.SessionEnded):
-            ended.append(event)
-        elif isinstance(event, events.ReceiverDone) and event.checksum_ok \
+    def publish(sender: Sender, now: float) -> None:
+        nonlocal rates
+        rates = rates or ReceiveRates(sender.geometry.block_bytes)
+        control.publish(**snapshot(sender, now - started, rates, now))
+
+    def on_event(sender: Sender, event: object, now: float) -> None:
+        if isinstance(event, events.ReceiverDone) and event.checksum_ok \
                 and control.on_done is not None:
             record = sender.receivers.get(event.receiver_id)
             if record is not None:
                 control.on_done(str(record.address[0]))
 
-    def finished() -> bool:
+    def stopped() -> bool:
         with control.lock:
-            stop = control.stop_requested
-        return stop or (sender.state is SenderState.FINISHED and sender.get_timer() is None)
+            return control.stop_requested
 
-    rates = ReceiveRates(geometry.block_bytes)
-    loop = EventLoop(_Guarded(sender, control, gather_until), [sock], sock,
-                     on_event=on_event, before_send=steer,
-                     on_tick=lambda now: control.publish(
-                         **snapshot(sender, now - started, rates, now)),
-                     finished=finished)
-    loop.run()
-    seconds = time.monotonic() - started
-    control.publish(**snapshot(sender, seconds, rates, time.monotonic()))
-    stats = sender.stats
-    known = len(sender.receivers)
-    done = sum(1 for record in sender.receivers.values() if record.done)
-    wanted = max(config.min_receivers if config.min_receivers != _NOT_BEFORE_THE_WINDOW
-                 else 0, 1)
-    ok = bool(ended) and known > 0 and done == known and done >= wanted
-    if not ended:
-        reason = "stopped"
-    elif ok:
-        reason = ended[-1].reason
-    else:
-        reason = ("no receiver joined" if not known else
-                  f"{max(known, wanted) - done} of {max(known, wanted)} agents did not "
-                  f"report done ({ended[-1].reason})")
-    return SendSummary(
-        ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
-        mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
-        repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
-        receivers=known, receivers_done=done, sha256=checksum.hex(),
-        rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
-        pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
-        peak_rss_mb=peak_rss_mb())
+    hooks = SendHooks(configure=configure,
+                      wrap=lambda sender: _Guarded(sender, control, gather_until),
+                      before_send=steer, on_tick=publish, on_event=on_event, stopped=stopped)
+    image = source.path if source.path is not None else source.urls[0]
+    summary = send_image(spec, image, copies=source.urls[1:], cache=cache, linger=linger,
+                         hooks=hooks, environ=environ)
+    with control.lock:
+        control.source_bytes += summary.bytes_fetched
+    return summary
 
 
 class _Guarded:

@@ -397,3 +397,37 @@ def test_early_start_receives_before_the_deploy_step(agent, tmp_path, loop_disk,
     assert under_way, [s["state"] for s in seen]
     assert all(s["rate_mb_s"] > 0 and s["eta_s"] is not None for s in under_way[1:])
     assert seen[-1]["device"] == loop_disk and seen[-1]["early_start"] is True
+
+
+def test_the_agent_asks_the_rack_head_for_its_session(agent, tmp_path, loop_disk,
+                                                      gpt_image):
+    """No session in the node, only where to ask: the plugin asks the rack-head service
+    (a real ``mcastdeploy serve``) for the Glance image, pinned by Ironic's SHA-256, and
+    receives the session the service opens for it."""
+    from test_serve import TOKEN, Daemon, free_port, write_config
+
+    image, partition = gpt_image
+    node = ironic_node(loop_disk, None)
+    image_id = node["instance_info"]["image_source"]
+    head = tmp_path / "head"
+    (head / "images").mkdir(parents=True)
+    shutil.copy(image, head / "images" / image_id)  # the rack head serves it by Glance id
+    port = free_port()
+    config = write_config(head, listen=f"127.0.0.1:{port}", interface="lo", rate="400M",
+                          gather=0.5, linger=1.0)
+    daemon = Daemon(head, config, f"http://127.0.0.1:{port}")
+    try:
+        node["instance_info"]["mcastdeploy"] = {"rack_head": daemon.url, "token": TOKEN,
+                                                "interface": "lo"}
+        image_info = ironic_image_info(node, str(image), "sha256")
+        hardware.cache_node(lookup_view(node))
+        result = hardware.dispatch_to_managers("write_image", node, [], image_info)
+        assert result["result"].startswith(
+            f"prepare_image: image ({image_id}) written to device {loop_disk} ")
+        check_partition_landed(loop_disk, partition)
+        log = daemon.text()
+        assert "event=session_opened session=" in log
+        assert f"image={image_id} " in log and f"agent={node['uuid']} " in log
+        assert "ok=true" in log and "agents_done=1 agents=1" in log
+    finally:
+        daemon.stop()

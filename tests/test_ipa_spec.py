@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -156,3 +157,59 @@ def test_session_new_ironic_without_a_file_for_the_sender_is_refused():
     done = run("session", "new", "--ironic")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "needs -o FILE" in done.stderr
+
+
+def test_a_rack_head_value_asks_for_the_image_pinned_as_ironic_pins_it(monkeypatch):
+    from mcastdeploy.ipa import ironic_spec
+
+    asked = []
+    spec = new_session(interface="eth9")
+
+    def request_session(rack_head, token, image, agent=None, sha256=None, image_format=None):
+        asked.append((rack_head, token, image, agent, sha256, image_format))
+        return spec, False
+
+    monkeypatch.setattr(ironic_spec, "request_session", request_session)
+    value = {"rack_head": "https://head:7470", "token": "t0ken", "interface": "eno1"}
+    ironic = IronicSpec.from_value(json.dumps(value))
+    node = {"uuid": "node-1", "instance_info": {"image_source": "glance-id",
+                                                "image_os_hash_algo": "sha256",
+                                                "image_os_hash_value": "ab" * 32,
+                                                "image_disk_format": "qcow2"}}
+    # At lookup (early start): from instance_info; the node's NIC replaces the head's.
+    assert ironic.session_for(None, node) == spec.replace(interface="eno1")
+    # In the deploy step: image_info's own, a raw image here.
+    info = {"id": "glance-id", "os_hash_algo": "sha256", "os_hash_value": "cd" * 32,
+            "disk_format": "raw"}
+    ironic.session_for(info, node)
+    named = IronicSpec.from_value(dict(value, image="ubuntu-22.04"))
+    named.session_for({"id": "glance-id", "checksum": "ef" * 16}, node)  # md5: no pin
+    assert asked == [
+        ("https://head:7470", "t0ken", "glance-id", "node-1", "ab" * 32, "qcow2"),
+        ("https://head:7470", "t0ken", "glance-id", "node-1", "cd" * 32, None),
+        ("https://head:7470", "t0ken", "ubuntu-22.04", "node-1", None, None)]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"rack_head": "https://head"}, "'token'"),
+    ({"rack_head": "ftp://head", "token": "t"}, "http(s)://"),
+    ({"rack_head": "https://head", "token": "t",
+      "session": json.loads(new_session().to_json())}, "either"),
+    ({"early_start": True}, "lacks 'session'"),
+])
+def test_bad_rack_head_values(value, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        IronicSpec.from_value(value)
+
+
+def test_a_rack_head_that_refuses_is_a_spec_error(monkeypatch):
+    from mcastdeploy.ipa import ironic_spec
+    from mcastdeploy.service.client import ClientError
+
+    def refuse(*args, **kwargs):
+        raise ClientError("rack head https://head refused: 404 no image 'x'")
+
+    monkeypatch.setattr(ironic_spec, "request_session", refuse)
+    ironic = IronicSpec.from_value({"rack_head": "https://head", "token": "t"})
+    with pytest.raises(SpecError, match="404"):
+        ironic.session_for({"id": "x"}, {"uuid": "n"})

@@ -71,9 +71,11 @@ class MulticastHardwareManager(hardware.HardwareManager):
         try:
             checksum = ironic_checksum(image_info, md5_allowed=CONF.md5_enabled)
             raw = is_raw(image_info)
-            session = pin_session(ironic.receiver_session, checksum, raw)
+            session = pin_session(ironic.session_for(image_info, node), checksum, raw)
         except ChecksumError as error:
             _decline(str(error))
+        except SpecError as error:  # the rack head could not be asked, or refused
+            _decline(f"no session for the image: {error}")
         device = hardware.dispatch_to_managers("get_os_install_device", permit_refresh=True)
         job = _job_for(ironic, session, device, node.get("uuid"))
         outcome = job.wait(ironic.deadline + WAIT_MARGIN)
@@ -113,9 +115,14 @@ class MulticastHardwareManager(hardware.HardwareManager):
             LOG.info("mcastdeploy: node %s runs %s before write_image, which may change "
                      "the disk: not receiving early", node.get("uuid"), ", ".join(earlier))
             return
+        try:
+            session = ironic.session_for(None, node)
+        except SpecError as error:
+            LOG.warning("mcastdeploy: not receiving early: %s", error)
+            return
         LOG.info("mcastdeploy: node %s: receiving session %s early", node.get("uuid"),
-                 ironic.session.session_id)
-        job = ReceiveJob(ironic, ironic.receiver_session, _wait_for_install_device,
+                 session.session_id)
+        job = ReceiveJob(ironic, session, _wait_for_install_device,
                          _device_preparer(node.get("uuid")), early=True)
         replace_current_job(job)
         job.start()

@@ -17,14 +17,16 @@ Fault = Callable[[int, str, Optional[tuple]], Optional[str]]
 
 class ObjectServer:
     """Serves ``objects`` (path -> bytes). ``ranges=False`` ignores Range headers, as some
-    servers do; ``delay`` pauses before each body, so a fetch can be caught half done."""
+    servers do; ``delay`` pauses before each body, so a fetch can be caught half done;
+    ``piece_delay`` after each 64 KiB of it, a slow link (a download that takes a while)."""
 
     def __init__(self, objects: dict, *, ranges: bool = True, etags: bool = True,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, piece_delay: float = 0.0) -> None:
         self.objects = dict(objects)
         self.ranges = ranges
         self.etags = etags
         self.delay = delay
+        self.piece_delay = piece_delay
         self.fault: Optional[Fault] = None
         self.requests = 0
         self.bytes_served = 0
@@ -135,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = data[offset:min(end, offset + 64 * 1024)]
                 owner._count_bytes(len(piece), generation)  # before: the client may be quicker
                 self.wfile.write(piece)
+                if owner.piece_delay:
+                    time.sleep(owner.piece_delay)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
             return

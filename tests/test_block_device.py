@@ -37,13 +37,14 @@ def loop_device(tmp_path):
         subprocess.run(["losetup", "-d", device], timeout=30, check=False)
 
 
-def test_receive_onto_a_loop_device(tmp_path, loopback_spec, loop_device):
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+def test_receive_onto_a_loop_device(tmp_path, loopback_spec, loop_device, direct):
     size = 6 * 1024 * 1024 + 777
     image = tmp_path / "image.raw"
     image_sha = write_random(image, size, seed=11)
     device = loop_device(8 * 1024 * 1024, b"\xde\xad\xbe\xef")  # holds garbage
     receiver = mcastdeploy("recv", "--session", loopback_spec[1], "--json", "--timeout",
-                           "30", device)
+                           "30", *(["--direct"] if direct else []), device)
     sender = mcastdeploy("send", "--session", loopback_spec[1], "--min-receivers", "1",
                          "--wait", "30", "--linger", "2", "--json", str(image))
     code, out, err = finish(receiver, timeout=90)
@@ -51,6 +52,8 @@ def test_receive_onto_a_loop_device(tmp_path, loopback_spec, loop_device):
     assert code == 0, err
     assert send_code == 0, send_err
     assert json.loads(out)["sha256"] == image_sha
+    # Read back past the page cache: what is on the device, not what the kernel remembers.
+    subprocess.run(["blockdev", "--flushbufs", device], check=True, timeout=30)
     assert sha256_file(device, size) == image_sha
     with open(device, "rb") as handle:
         handle.seek(size)

@@ -74,8 +74,22 @@ def test_the_hashed_prefix_is_reported_in_order_as_it_grows(tmp_path):
     with ObjectServer({"/img": data}) as server:
         fetch([HttpRangeReader(server.url())], str(dest), connections=4,
               range_bytes=RANGE, on_hashed=on_hashed)
-    assert prefixes == sorted(set(prefixes)) and len(prefixes) == 38
+    assert prefixes == sorted(set(prefixes)) and prefixes[-1] == len(data)
+    ends = {min(len(data), (index + 1) * RANGE) for index in range(38)}
+    assert ends <= set(prefixes)  # every range, as it completes
+
+
+def test_the_hashed_prefix_follows_a_range_still_arriving(tmp_path):
+    """A slow first range is hashed as it arrives, not once it is complete: else a sender
+    would wait for a whole range (8 MB by default) before its first packet."""
+    data = payload(4 * RANGE)
+    dest = tmp_path / "image"
+    prefixes: list[int] = []
+    with ObjectServer({"/img": data}, piece_delay=0.01) as server:
+        fetch([HttpRangeReader(server.url())], str(dest), connections=1,
+              range_bytes=len(data), on_hashed=prefixes.append)
     assert prefixes[-1] == len(data)
+    assert len([prefix for prefix in prefixes if prefix < len(data)]) >= 3
 
 
 def test_failed_ranges_are_retried_from_where_they_broke(tmp_path):

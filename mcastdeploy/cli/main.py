@@ -19,11 +19,12 @@ import click
 from mcastdeploy.cli.progress import MODES, ProgressDisplay
 from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.recv_session import run_recv
-from mcastdeploy.drivers.send_session import run_send
-from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote, readers_for
-from mcastdeploy.drivers.sources.qcow2 import is_qcow2, sendable
+from mcastdeploy.drivers.send_image import send_image
+from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote
+from mcastdeploy.drivers.sources.qcow2 import is_qcow2
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
+from mcastdeploy.ipa.ironic_spec import IronicSpec
 from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
                               parse_proactive_setting, parse_rate, parse_rate_setting)
 
@@ -152,6 +153,21 @@ def main() -> None:
     """Multicast disk images to many machines at once, repaired with FEC, straight to disk."""
 
 
+def _ironic_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What the agent does with a session Ironic gives it (mcastdeploy/ipa)."""
+    for option in reversed([
+            click.option("--early-start", is_flag=True,
+                         help="Agents start receiving at lookup, before the deploy step."),
+            click.option("--agent-timeout", type=click.FloatRange(min=1),
+                         help="Agents fall back to HTTP after this many seconds without "
+                              "the sender (default 60)."),
+            click.option("--node-interface",
+                         help="The nodes' NIC for the group (default: the kernel's route)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.group()
 def session() -> None:
     """Create session specs."""
@@ -170,7 +186,8 @@ def session() -> None:
                    "'auto' / 'auto:N' (default auto:1) to size them from the group's size "
                    "and loss, at least N.")
 @click.option("--image", "image", type=click.Path(dir_okay=False),
-              help="Pin this image's size and SHA-256 in the spec.")
+              help="Pin this image's size and SHA-256 in the spec; with --rack-head, the "
+                   "name of the image to ask for.")
 @click.option("--encrypt", is_flag=True, default=None,
               help="Encrypt the image on the wire, not only authenticate every packet.")
 @click.option("--sender", metavar="IPV4:PORT",
@@ -178,13 +195,53 @@ def session() -> None:
                    "no multicast still join through it and fetch from peers.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the spec here (mode 0600) instead of printing it.")
+@_ironic_options
+@click.option("--ironic", is_flag=True,
+              help="Print the spec as Ironic stores it (node instance_info 'mcastdeploy', "
+                   "see docs/ironic.rst); the rack head's spec goes to -o.")
+@click.option("--rack-head", metavar="URL",
+              help="Ask this rack head's daemon (mcastdeploy serve) for the session of "
+                   "the image named by --image instead of making one.")
+@click.option("--agent", help="With --rack-head: this agent's name in the rack head's status.")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="With --rack-head: the API token's file (default: $MCASTDEPLOY_TOKEN).")
+@click.option("--sha256", "pin_sha256", metavar="HEX",
+              help="With --rack-head: pin the image to this SHA-256 (Ironic's checksum) of "
+                   "the image as stored: raw, or qcow2 with --qcow2.")
+@click.option("--qcow2", "pin_qcow2", is_flag=True,
+              help="With --rack-head and --sha256: the pin is of a qcow2 file (agents get "
+                   "its raw conversion).")
 @_one_line_errors
 def session_new(group: Optional[str], port: Optional[int], interface: Optional[str],
                 rate: Optional[RateSetting], ttl: Optional[int],
                 symbol_size: Optional[int], block_symbols: Optional[int],
                 proactive_repair: Optional[tuple[str, Optional[int]]], image: Optional[str],
-                encrypt: Optional[bool], sender: Optional[str], output: Optional[str]) -> None:
-    """Write a new session spec (JSON) with a fresh session id and key."""
+                encrypt: Optional[bool], sender: Optional[str], output: Optional[str],
+                ironic: bool,
+                rack_head: Optional[str], agent: Optional[str], token_file: Optional[str],
+                pin_sha256: Optional[str], pin_qcow2: bool, **agent_options: Any) -> None:
+    """Write a new session spec (JSON) with a fresh session id and key, or (--rack-head)
+    the one a rack head's daemon has for an image."""
+    if rack_head is not None:
+        if pin_qcow2 and pin_sha256 is None:
+            raise CommandError("--qcow2 says what --sha256 pins: give both")
+        spec = _from_rack_head(rack_head, image, agent, token_file, pin_sha256,
+                               "qcow2" if pin_qcow2 else None, group, port, rate, ttl,
+                               symbol_size, block_symbols, proactive_repair, encrypt)
+        if interface is not None:  # the agent's interface, where it differs from the head's
+            resolve_interface(interface)
+            spec = spec.replace(interface=interface)
+        if output:
+            spec.save(output)
+        if ironic:  # the daemon's session, for the nodes' instance_info (docs/ironic.rst)
+            _echo_ironic(spec, **agent_options)
+        elif not output:
+            click.echo(spec.to_json(), nl=False)
+        return
+    if pin_sha256 is not None or pin_qcow2:
+        raise CommandError("--sha256 and --qcow2 go with --rack-head; here --image pins")
+    if ironic and not output:
+        raise CommandError("--ironic needs -o FILE: the rack head's sender needs the spec too")
     if group is not None:
         check_group(group)
     if interface is not None:
@@ -203,8 +260,45 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        encrypt=encrypt, sender=sender, **pinned)
     if output:
         spec.save(output)
-    else:
+    if ironic:
+        _echo_ironic(spec, **agent_options)
+    elif not output:
         click.echo(spec.to_json(), nl=False)
+
+
+@session.command("ironic")
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@_ironic_options
+@_one_line_errors
+def session_ironic(spec_path: str, **agent_options: Any) -> None:
+    """Print SPEC as Ironic stores it, for 'openstack baremetal node set --instance-info
+    mcastdeploy=...' on every node of the rack whose sender uses SPEC."""
+    _echo_ironic(SessionSpec.load(spec_path), **agent_options)
+
+
+def _echo_ironic(spec: SessionSpec, early_start: bool, agent_timeout: Optional[float],
+                 node_interface: Optional[str]) -> None:
+    value = IronicSpec(spec, early_start=early_start, interface=node_interface,
+                       **({"timeout": agent_timeout} if agent_timeout else {}))
+    click.echo(json.dumps(value.to_ironic(), separators=(",", ":"), sort_keys=True))
+
+
+def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
+                    token_file: Optional[str], sha256: Optional[str],
+                    image_format: Optional[str], *settings: Any) -> SessionSpec:
+    from mcastdeploy.cli.serve import ask_rack_head
+    from mcastdeploy.service.client import ClientError
+
+    if image is None:
+        raise CommandError("--rack-head needs --image NAME (the image to ask for)")
+    if any(setting is not None for setting in settings):
+        raise CommandError("with --rack-head the rack head chooses the session's settings; "
+                           "only --image, --agent, --token-file, --sha256, --qcow2, "
+                           "--interface, -o and the Ironic options apply")
+    try:
+        return ask_rack_head(rack_head, image, agent, token_file, sha256, image_format)
+    except ClientError as error:
+        raise CommandError(str(error), EXIT_FAILED) from None
 
 
 def _measure(path: str) -> tuple[int, str]:
@@ -266,32 +360,18 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
     """Multicast IMAGE to every receiver of the session.
 
     IMAGE is a file, a block device, an http(s):// URL, or swift://CONTAINER/OBJECT (with
-    ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is fetched into
-    the cache first (or found there: no network then) and sent from it; a session spec that
-    pins the image's SHA-256 makes the fetch verify it. A qcow2 image is converted to raw
-    in the cache once (qemu-img) and sent raw.
+    ST_AUTH/ST_USER/ST_KEY or OS_* credentials in the environment). A URL is pulled once
+    into the cache and multicast as its first blocks arrive (or sent from the cache: no
+    network then); a session spec that pins the image's SHA-256 makes the fetch verify
+    it. A qcow2 image is converted to raw in the cache once (qemu-img) and sent raw.
     """
     spec = _load_spec(session_path, group, port, interface, rate)
+    if copies and not is_remote(image):
+        raise CommandError("--copy needs IMAGE to be a URL")
     cache = ImageCache(cache_dir, _parse_size(cache_limit), connections=connections)
-    if not is_remote(image):
-        if copies:
-            raise CommandError("--copy needs IMAGE to be a URL")
-        # A qcow2 file is converted to raw in the cache once; a raw one is sent as it is.
-        with sendable(image, spec, cache) as path:
-            _run_and_report("send", progress, as_json, functools.partial(
-                run_send, spec, path, min_receivers=min_receivers, wait=wait,
-                linger=linger))
-        return
-    # The whole image is fetched before the first packet; multicasting the ranges already
-    # fetched while the rest arrives is a later step (docs/sources.rst).
-    readers = readers_for([image, *copies])
-    with cache.get_or_fetch(image, readers, spec.image_sha256) as cached:
-        entry = cache.entry_id(image, spec.image_sha256)
-        with sendable(cached.path, spec, cache, key="cache:" + entry,
-                      sha256_verified=spec.image_sha256 is not None) as path:
-            _run_and_report("send", progress, as_json, functools.partial(
-                run_send, spec, path, min_receivers=min_receivers, wait=wait,
-                linger=linger))
+    _run_and_report("send", progress, as_json, functools.partial(
+        send_image, spec, image, copies=copies, cache=cache, min_receivers=min_receivers,
+        wait=wait, linger=linger))
 
 
 @main.command()
@@ -305,12 +385,15 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
               help="Serve the image to stragglers (peers that joined late or hear no "
                    "multicast) while receiving and this many seconds after finishing, or "
                    "until the sender ends the session; 0: do not seed.")
+@click.option("--direct", is_flag=True,
+              help="Write with O_DIRECT, past the page cache (large images on agents with "
+                   "little memory); the target's file system must support it.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
-def recv(session_path: str, timeout: float, resume: bool, seed_time: float,
+def recv(session_path: str, timeout: float, resume: bool, seed_time: float, direct: bool,
          group: Optional[str],
          port: Optional[int], interface: Optional[str], rate: Optional[RateSetting],
          as_json: bool, progress: str, target: str) -> None:
@@ -318,7 +401,7 @@ def recv(session_path: str, timeout: float, resume: bool, seed_time: float,
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("recv", progress, as_json,
                     functools.partial(run_recv, spec, target, timeout=timeout, resume=resume,
-                                      seed_time=seed_time))
+                                      seed_time=seed_time, direct=direct))
 
 
 @main.command()
@@ -349,6 +432,15 @@ def _parse_size(text: str) -> int:
         raise CommandError("the size must be positive")
     return size
 
+
+def _add_service_commands() -> None:
+    from mcastdeploy.cli.serve import serve, status
+
+    main.add_command(serve)
+    main.add_command(status)
+
+
+_add_service_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

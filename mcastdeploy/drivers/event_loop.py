@@ -24,22 +24,57 @@ class SansIO(Protocol):
     def next_event(self) -> object: ...
 
 
+class Wakeup:
+    """Lets another thread cut the loop's sleep short (a self-pipe over a socket pair).
+
+    Without it, news from a thread (a download's next megabyte) would wait for the next
+    timer or ``MAX_SLEEP``; with it the loop sleeps until something happens and no longer.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self) -> None:
+        """Safe from any thread; a wake-up already pending is enough."""
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
 class EventLoop:
     """Moves datagrams between ``protocol`` and ``sockets`` until ``finished()`` says so.
 
     Sockets stay blocking so a full send buffer slows the sender down instead of dropping
-    (reads use MSG_DONTWAIT).  ``before_send`` lets the sender's driver supply image blocks
-    just before the protocol decides what to send; ``on_event`` gets every event with the
-    time; ``on_tick`` runs at least every ``MAX_SLEEP`` seconds (progress display).
+    (reads use MSG_DONTWAIT).  ``before_send(now)`` lets the sender's driver supply image
+    blocks just before the protocol decides what to send; ``on_event`` gets every event
+    with the time; ``on_tick`` runs at least every ``MAX_SLEEP`` seconds (progress
+    display); ``wakeup`` ends a sleep when another thread has news for ``before_send``.
     """
 
     def __init__(self, protocol: SansIO, sockets: Sequence[socket.socket],
                  send_socket: socket.socket, *,
                  on_event: Callable[[object, float], None],
                  finished: Callable[[], bool],
-                 before_send: Optional[Callable[[], None]] = None,
+                 before_send: Optional[Callable[[float], None]] = None,
                  on_tick: Optional[Callable[[float], None]] = None,
-                 readers: Sequence[tuple[socket.socket, Callable[[float], None]]] = (),
+                 wakeup: Optional[Wakeup] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.protocol = protocol
         self.sockets = list(sockets)
@@ -48,18 +83,16 @@ class EventLoop:
         self.finished = finished
         self.before_send = before_send
         self.on_tick = on_tick
+        self.wakeup = wakeup
         self.clock = clock
-        #: Other sockets to watch, each with what to call when readable (e.g. the wake-up
-        #: socket of threads that hand work to the protocol, which only this thread touches).
-        self.readers = list(readers)
         self.send_errors = 0
 
     def run(self, deadline: Optional[float] = None) -> None:
         with selectors.DefaultSelector() as selector:
             for sock in self.sockets:
                 selector.register(sock, selectors.EVENT_READ)
-            for sock, callback in self.readers:
-                selector.register(sock, selectors.EVENT_READ, callback)
+            if self.wakeup is not None:
+                selector.register(self.wakeup, selectors.EVENT_READ)
             now = self.clock()
             self.protocol.start(now)
             self._step(now)
@@ -73,8 +106,8 @@ class EventLoop:
                 ready = selector.select(sleep)
                 now = self.clock()
                 for key, _ in ready:
-                    if key.data is not None:
-                        key.data(now)
+                    if key.fileobj is self.wakeup:
+                        self.wakeup.drain()  # type: ignore[union-attr]
                     else:
                         self._read(key.fileobj, now)  # type: ignore[arg-type]
                 timer = self.protocol.get_timer()
@@ -102,7 +135,7 @@ class EventLoop:
     def _step(self, now: float) -> None:
         self._events(now)
         if self.before_send is not None:
-            self.before_send()
+            self.before_send(now)
         for data, addr in self.protocol.datagrams_to_send(now):
             try:
                 self.send_socket.sendto(data, addr)

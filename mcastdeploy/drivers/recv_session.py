@@ -75,9 +75,11 @@ class RecvSummary:
 
 
 def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
-             resume: bool = False, on_progress: Optional[Callable[[RecvProgress], None]] = None,
+             resume: bool = False, direct: bool = False,
+             on_progress: Optional[Callable[[RecvProgress], None]] = None,
              seed_time: float = 0.0) -> RecvSummary:
     """Receive the session's image into ``target_path``; verified before it says ok.
+    ``direct`` writes with O_DIRECT (target.DirectWriter).
 
     With ``seed_time``, serve the verified blocks to stragglers (docs/peers.rst) while
     receiving and for that many seconds after finishing, or until the sender ends the
@@ -96,7 +98,7 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
                       if seed_time > 0 else None)
             try:
                 return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
-                            on_progress, server, seed_time)
+                            on_progress, direct, server, seed_time)
             finally:
                 if server is not None:
                     server.close()
@@ -139,7 +141,7 @@ def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
 
 def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
          unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]],
-         server: Optional[BlockServer], seed_time: float) -> RecvSummary:
+         direct: bool, server: Optional[BlockServer], seed_time: float) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.disk_checksum,
                                        timeout=timeout, key=spec.key_bytes,
@@ -172,7 +174,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
             if spec.disk_size is not None and size != spec.disk_size:
                 raise TargetError(f"the sender's image is {size} bytes, the session spec "
                                   f"says {spec.disk_size}")
-            target = Target(target_path, size)
+            target = Target(target_path, size, direct=direct)
             held = bytearray(event.geometry.block_count)
             if server is not None:
                 server.serve(target_path, event.geometry, held)
@@ -194,7 +196,8 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
             on_progress(_progress(receiver, now - started))
 
     loop = EventLoop(receiver, [group_sock, unicast_sock], unicast_sock, on_event=on_event,
-                     on_tick=progress, readers=[straggling.reader],
+                     on_tick=progress, before_send=straggling.drain,
+                     wakeup=straggling.wakeup,
                      finished=lambda: receiver.phase in (ReceiverPhase.DONE,
                                                          ReceiverPhase.FAILED)
                      and receiver.get_timer() is None)
@@ -247,7 +250,8 @@ def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
     loop only listens for that END)."""
     until = time.monotonic() + seed_time
     loop.finished = lambda: receiver.session_over or time.monotonic() >= until
-    loop.readers = []
+    loop.before_send = None
+    loop.wakeup = None
     loop.run()
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
 
-from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.event_loop import EventLoop, Wakeup
+from mcastdeploy.drivers.growing_image import GrowingImage
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.peer_server import BlockServer
@@ -15,7 +16,7 @@ from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_int
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import rejected
-from mcastdeploy.protocol.manifest import SenderManifest
+from mcastdeploy.protocol.manifest import SenderManifest, block_hash
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
@@ -57,6 +58,12 @@ class SendSummary:
     rejected: dict
     #: Peak resident memory of the process, MB (None where /proc does not say).
     peak_rss_mb: Optional[float]
+    #: From the command's start to the first data symbol on the wire.
+    first_data_after_s: Optional[float] = None
+    #: How long the download from a URL took (None: a local image; ~0: a cache hit).
+    fetch_seconds: Optional[float] = None
+    #: Bytes this send pulled from the image's source (0: a local image or a cache hit).
+    bytes_fetched: int = 0
     #: Stragglers (docs/peers.rst): requests for peers answered, receivers sent to peers
     #: instead of repair, and the bytes the sender's own block server (the last resort)
     #: sent them.
@@ -72,46 +79,179 @@ class SendSummary:
         return asdict(self) | {"role": "send"}
 
 
+@dataclass
+class SendHooks:
+    """How a caller steers a send from outside without a loop of its own: the rack-head
+    service sets the rate share, counts the agents it promised a session to, and reads
+    snapshots for its status page. The command line uses none of them.
+
+    ``configure`` edits the Sender's config before the Sender is made; ``wrap`` gives
+    the object the event loop drives (the Sender itself by default); ``before_send``,
+    ``on_tick`` and ``on_event`` run on the loop's thread with the Sender; ``stopped``
+    ends the loop early (the summary then says "stopped").
+    """
+
+    configure: Optional[Callable[[SenderConfig], None]] = None
+    wrap: Optional[Callable[[Sender], Any]] = None
+    before_send: Optional[Callable[[Sender, float], None]] = None
+    on_tick: Optional[Callable[[Sender, float], None]] = None
+    on_event: Optional[Callable[[Sender, object, float], None]] = None
+    stopped: Optional[Callable[[], bool]] = None
+
+
+@dataclass
+class SendOptions:
+    min_receivers: int = 0
+    wait: Optional[float] = None
+    linger: float = 5.0
+    on_progress: Optional[Callable[[SendProgress], None]] = None
+    hooks: SendHooks = field(default_factory=SendHooks)
+
+
 def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
              wait: Optional[float] = None, linger: float = 5.0,
-             on_progress: Optional[Callable[[SendProgress], None]] = None) -> SendSummary:
+             on_progress: Optional[Callable[[SendProgress], None]] = None,
+             hooks: Optional[SendHooks] = None,
+             started: Optional[float] = None) -> SendSummary:
     """Multicast ``image_path`` per ``spec`` until every receiver is done or ``linger`` ends.
 
     Raises NetworkError/SourceError for unusable settings before anything is sent.
     """
+    options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
+    started = time.monotonic() if started is None else started
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
     image = LocalImage(image_path)
     try:
-        if spec.disk_size is not None and spec.disk_size != image.size:
-            raise SourceError(f"image {image_path} is {image.size} bytes, the session spec "
-                              f"says {spec.disk_size}")
-        geometry = ImageGeometry(image.size, spec.symbol_size, spec.block_symbols)
+        geometry = _geometry(spec, image.size, image_path)
         checksum, block_hashes = image.digests(geometry.block_bytes)
         if spec.disk_checksum is not None and checksum != spec.disk_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
-        sender_port = spec.sender_address[1] if spec.sender_address else 0
-        sock = open_sender_socket(interface, spec.ttl, sender_port)
+        sock = open_sender_socket(interface, spec.ttl, _sender_port(spec))
         try:
-            # The last resort for stragglers no peer can serve: the image, from here.
-            with BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
-                             host=interface.address) as source:
-                source.serve(image_path, geometry)
-                summary = _run(spec, image, checksum, SenderManifest(block_hashes), sock,
-                               min_receivers, wait, linger, on_progress, source.port)
-                summary.source_bytes_served = source.bytes_served
-                summary.bytes_to_stragglers += source.bytes_served
-                return summary
+            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, options,
+                        started)
         finally:
             sock.close()
     finally:
         image.close()
 
 
-def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: SenderManifest, sock,
-         min_receivers: int, wait: Optional[float], linger: float,
-         on_progress: Optional[Callable[[SendProgress], None]],
-         source_port: int = 0) -> SendSummary:
+def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receivers: int = 0,
+                      wait: Optional[float] = None, linger: float = 5.0,
+                      on_progress: Optional[Callable[[SendProgress], None]] = None,
+                      hooks: Optional[SendHooks] = None,
+                      started: Optional[float] = None) -> SendSummary:
+    """Multicast an image while ``download`` (started, with its first bytes in) is still
+    bringing it into the cache: blocks go out as soon as they and their chunk of the
+    manifest are hashed. A checksum pinned by the spec is announced from the start (the
+    download checks it at the end); otherwise the download's is announced when it has
+    it. A failed download ends the session (END): no receiver reports an image done that
+    the sender could not vouch for.
+    """
+    options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
+    started = time.monotonic() if started is None else started
+    check_group(spec.group)
+    interface = resolve_interface(spec.interface)
+    image = download.open()
+    try:
+        geometry = _geometry(spec, image.size, image.path)
+        manifest = SenderManifest(block_count=geometry.block_count)
+        sock = open_sender_socket(interface, spec.ttl, _sender_port(spec))
+        try:
+            feed = _DownloadFeed(download, image, geometry, manifest)
+            summary = _run(spec, image, spec.disk_checksum, manifest, sock, options, started,
+                           feed=feed, wakeup=download.wakeup)
+        finally:
+            sock.close()
+    finally:
+        image.close()
+    if feed.failure is not None:
+        summary.ok = False
+        summary.reason = feed.failure
+    return summary
+
+
+def _sender_port(spec: SessionSpec) -> int:
+    """The port the spec's ``sender`` names (receivers that hear no group report there),
+    or any."""
+    return spec.sender_address[1] if spec.sender_address else 0
+
+
+def _geometry(spec: SessionSpec, size: int, path: str) -> ImageGeometry:
+    if spec.disk_size is not None and spec.disk_size != size:
+        raise SourceError(f"image {path} is {size} bytes, the session spec says "
+                          f"{spec.disk_size}")
+    return ImageGeometry(size, spec.symbol_size, spec.block_symbols)
+
+
+class _DownloadFeed:
+    """Hands the Sender what the download has made final: the hashes of the blocks in the
+    hashed prefix (read back from the page cache), how far it may read, and at the end
+    the checksum, or the download's failure."""
+
+    #: Blocks hashed per loop step, so a large prefix arriving at once does not stall
+    #: the loop (a wake-up brings it back at once for the rest).
+    BLOCKS_PER_STEP = 64
+
+    def __init__(self, download: GrowingImage, image: LocalImage, geometry: ImageGeometry,
+                 manifest: SenderManifest) -> None:
+        self.download = download
+        self.image = image
+        self.geometry = geometry
+        self.manifest = manifest
+        self.failure: Optional[str] = None
+        self._checksum_told = False
+
+    def __call__(self, sender: Sender, now: float) -> None:
+        if sender.state is SenderState.FINISHED:
+            return
+        download, g = self.download, self.geometry
+        finished = download.finished
+        if finished and download.error is not None:
+            self.failure = f"the image's download failed: {download.error}"
+            sender.abort(self.failure, now)
+            return
+        ready = g.block_count if finished else download.hashed // g.block_bytes
+        known = self.manifest.known_blocks
+        upto = min(ready, known + self.BLOCKS_PER_STEP)
+        if upto > known:
+            sender.extend_manifest(b"".join(
+                block_hash(self.image.read(g.offset(block), g.block_length(block)))
+                for block in range(known, upto)), now)
+            sender.set_readable(upto, now)
+        if upto < ready:
+            download.wakeup.wake()  # the rest of the prefix at the next step
+        elif finished and not self._checksum_told:
+            self._checksum_told = True
+            checksum = download.sha256
+            if sender.checksum is None:
+                sender.set_checksum(checksum, now)
+            elif sender.checksum != checksum:  # fetch checks a pinned one; belt and braces
+                self.failure = "the downloaded image does not match the session's sha256"
+                sender.abort(self.failure, now)
+
+
+def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
+         manifest: SenderManifest, sock, options: SendOptions, started: float, *,
+         feed: Optional[Callable[[Sender, float], None]] = None,
+         wakeup: Optional[Wakeup] = None) -> SendSummary:
+    reply_host = sock.getsockname()[0]
+    # The last resort for stragglers no peer can serve: the image, from here (docs/peers.rst).
+    with BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
+                     host=reply_host) as source:
+        summary = _run_with(spec, image, checksum, manifest, sock, options, started, feed,
+                            wakeup, source)
+        summary.source_bytes_served = source.bytes_served
+        summary.bytes_to_stragglers += source.bytes_served
+        return summary
+
+
+def _run_with(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
+              manifest: SenderManifest, sock, options: SendOptions, started: float,
+              feed: Optional[Callable[[Sender, float], None]], wakeup: Optional[Wakeup],
+              source: BlockServer) -> SendSummary:
+    hooks = options.hooks
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(
         session_id=spec.session_number,
@@ -122,22 +262,39 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
         block_symbols=spec.block_symbols,
         proactive_repair=spec.proactive_repair,
         auto_proactive=spec.proactive_mode == "auto",
-        min_receivers=min_receivers,
-        wait=wait,
-        linger=linger,
+        min_receivers=options.min_receivers,
+        wait=options.wait,
+        linger=options.linger,
         reply_host=reply_host,
         reply_port=reply_port,
         key=spec.key_bytes,
         encrypt=spec.encrypt,
-        source_port=source_port,
+        source_port=source.port,
     )
+    if hooks.configure is not None:
+        hooks.configure(config)
     sender = Sender(config, image.size, origin=secrets.randbits(32), checksum=checksum,
                     manifest=manifest)
     geometry = sender.geometry
-    started = time.monotonic()
+    if feed is not None:
+        sender.set_readable(0, time.monotonic())  # nothing until the download says so
+    #: While downloading, the source serves only the blocks hashed so far.
+    held = None if feed is None else bytearray(geometry.block_count)
+    source.serve(image.path, geometry, held)
+    served_upto = 0
     ended: list[events.SessionEnded] = []
 
-    def supply() -> None:
+    def supply(now: float) -> None:
+        nonlocal served_upto
+        if hooks.before_send is not None:
+            hooks.before_send(sender, now)
+        if feed is not None:
+            feed(sender, now)
+            assert held is not None and sender.manifest is not None
+            known = sender.manifest.known_blocks
+            if known > served_upto:
+                held[served_upto:known] = b"\x01" * (known - served_upto)
+                served_upto = known
         for block in sender.blocks_wanted():
             sender.supply_block(block, image.read(geometry.offset(block),
                                                   geometry.block_length(block)))
@@ -145,35 +302,54 @@ def _run(spec: SessionSpec, image: LocalImage, checksum: bytes, manifest: Sender
     def on_event(event: object, now: float) -> None:
         if isinstance(event, events.SessionEnded):
             ended.append(event)
+        if hooks.on_event is not None:
+            hooks.on_event(sender, event, now)
 
-    def progress(now: float) -> None:
-        if on_progress is not None:
-            on_progress(_progress(sender, now - started))
+    def tick(now: float) -> None:
+        if options.on_progress is not None:
+            options.on_progress(_progress(sender, now - started))
+        if hooks.on_tick is not None:
+            hooks.on_tick(sender, now)
 
-    loop = EventLoop(sender, [sock], sock, on_event=on_event, before_send=supply,
-                     on_tick=progress,
-                     finished=lambda: sender.state is SenderState.FINISHED
-                     and sender.get_timer() is None)
+    def finished() -> bool:
+        if hooks.stopped is not None and hooks.stopped():
+            return True
+        return sender.state is SenderState.FINISHED and sender.get_timer() is None
+
+    protocol = sender if hooks.wrap is None else hooks.wrap(sender)
+    loop = EventLoop(protocol, [sock], sock, on_event=on_event, before_send=supply,
+                     on_tick=tick, wakeup=wakeup, finished=finished)
     loop.run()
     seconds = time.monotonic() - started
-    progress(time.monotonic())
-    end = ended[-1]
+    tick(time.monotonic())
     stats = sender.stats
     known = len(sender.receivers)
     done = sum(1 for record in sender.receivers.values() if record.done)
-    ok = known > 0 and done == known and done >= min_receivers
-    reason = end.reason if ok else (
-        "no receiver joined" if not known else f"{known - done} of {known} receivers did not "
-        f"report done ({end.reason})")
+    wanted = max(sender.config.min_receivers, 1)  # the live count: a service may raise it
+    ok = bool(ended) and known > 0 and done == known and done >= wanted
+    if not ended:
+        reason = "stopped"
+    elif ok:
+        reason = ended[-1].reason
+    elif not known:
+        reason = "no receiver joined"
+    else:
+        expected = max(known, wanted)
+        reason = (f"{expected - done} of {expected} receivers did not report done "
+                  f"({ended[-1].reason})")
     return SendSummary(
         ok=ok, reason=reason, bytes=image.size, bytes_sent=stats.bytes_sent, seconds=seconds,
         mb_per_s=image.size / seconds / 1e6 if seconds > 0 else 0.0,
         repairs_asked=stats.repairs_requested, repairs_sent=stats.repair_packets,
-        receivers=known, receivers_done=done, sha256=checksum.hex(),
+        receivers=known, receivers_done=done,
+        sha256=(sender.checksum or b"").hex(),
         rate_bps=int(sender.rate.rate_bps), pass_seconds=stats.pass_seconds,
         pass_bytes_sent=stats.pass_bytes_sent, rejected=rejected(stats),
-        peak_rss_mb=peak_rss_mb(), peer_requests=stats.peer_requests,
-        peer_referrals=stats.peer_referrals, bytes_to_stragglers=stats.unicast_bytes)
+        peak_rss_mb=peak_rss_mb(),
+        first_data_after_s=(None if stats.first_data_at is None
+                            else stats.first_data_at - started),
+        peer_requests=stats.peer_requests, peer_referrals=stats.peer_referrals,
+        bytes_to_stragglers=stats.unicast_bytes)
 
 
 def _progress(sender: Sender, elapsed: float) -> SendProgress:

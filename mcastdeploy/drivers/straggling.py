@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 from typing import Optional
 
+from mcastdeploy.drivers.event_loop import Wakeup
 from mcastdeploy.drivers.peer_fetch import PeerFetcher
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.receiver import Receiver
@@ -48,9 +48,8 @@ class Straggling:
         self._receiver = receiver
         self._parallel = parallel
         self._timeout = timeout
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self._wake_write.setblocking(False)
+        #: The fetcher's threads cut the event loop's sleep short with it.
+        self.wakeup = Wakeup()
         self.fetcher: Optional[PeerFetcher] = None
         self._source: Optional[tuple[str, int]] = None
         self._source_used = False
@@ -63,22 +62,10 @@ class Straggling:
         self.bytes_from_source = 0
         self.peer_blocks_rejected = 0
 
-    @property
-    def reader(self) -> tuple[socket.socket, object]:
-        """For EventLoop(readers=...): wake-ups from the fetcher's threads."""
-        return self._wake_read, self.drain
-
     def close(self) -> None:
         if self.fetcher is not None:
             self.fetcher.close()
-        self._wake_read.close()
-        self._wake_write.close()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_write.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already woken (full), or closing
+        self.wakeup.close()
 
     # -- the receiver's events ---------------------------------------------------------
 
@@ -108,7 +95,7 @@ class Straggling:
             log.warning("straggler (%s): fetching from peers", offer.reason)
             self.fetcher = PeerFetcher(self._spec.key_bytes, self._spec.session_number,
                                        encrypt=self._spec.encrypt, geometry=geometry,
-                                       wake=self._wake, parallel=self._parallel,
+                                       wake=self.wakeup.wake, parallel=self._parallel,
                                        timeout=self._timeout)
             first = True
         else:
@@ -162,11 +149,7 @@ class Straggling:
     # -- blocks from the fetcher's threads ---------------------------------------------------
 
     def drain(self, now: float) -> None:
-        try:
-            while self._wake_read.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        """(EventLoop before_send) Hand what the fetcher brought to the receiver."""
         fetcher = self.fetcher
         if fetcher is None:
             return

@@ -115,6 +115,8 @@ class ReceiverRecord:
     done: bool = False
     seed_port: int = 0  # where it serves blocks once finished (STATUS); 0: it does not
     referred: bool = False  # sent to peers once instead of repair (tracker.should_refer)
+    #: Repair symbols its NACKs asked for, as heard here (the rack head's status shows it).
+    symbols_asked: int = 0
 
 
 @dataclass
@@ -153,6 +155,9 @@ class SenderStats:
     #: and PEERS answers to stragglers and receivers that hear no group.
     unicast_packets: int = 0
     unicast_bytes: int = 0
+    #: When the first source symbol went out (None before): with a download still running,
+    #: how soon pipelining put the image on the wire.
+    first_data_at: Optional[float] = None
 
 
 _END_COPIES = 3
@@ -291,6 +296,14 @@ class Sender:
         if self.state is not SenderState.FINISHED:
             self._next_announce = min(self._next_announce, now)
 
+    def abort(self, reason: str, now: float) -> None:
+        """End the session at once (END goes out): the image cannot be completed, e.g. its
+        download failed or did not match the checksum receivers were promised."""
+        if self.state is SenderState.FINISHED:
+            return
+        self._finish(reason, len(self.receivers),
+                     sum(1 for record in self.receivers.values() if record.done), now)
+
     def pass_position(self) -> int:
         """Blocks the data pass has fully sent."""
         return self._pass_block
@@ -326,6 +339,7 @@ class Sender:
             self._on_manifest_request(body, now,
                                       addr if header.flags & wire.Flags.REPLY else None)
         elif isinstance(body, wire.Nack):
+            record.symbols_asked += sum(need for _, need in body.needs)
             if not self._refer(header.origin, record, addr, now):
                 self._on_nack(body, now)
         elif isinstance(body, wire.PeerRequest):
@@ -766,6 +780,8 @@ class Sender:
         k = array.shape[0]
         if symbol < k:
             payload = array[symbol].data
+            if not self.stats.source_packets:
+                self.stats.first_data_at = now
             self.stats.source_packets += 1
         else:
             if symbol == k:  # encode the block's proactive symbols in one codec call

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -91,17 +93,25 @@ class ImageCache:
         return os.path.join(self.directory, self.entry_id(key, sha256) + ".img")
 
     def get_or_fetch(self, key: str, readers: Sequence[RangeReader],
-                     expected_sha256: Optional[str] = None) -> CachedImage:
+                     expected_sha256: Optional[str] = None, *,
+                     on_hashed: Optional[Callable[[str, int], None]] = None,
+                     cancel: Optional[threading.Event] = None) -> CachedImage:
         """A held, complete copy of the image, fetched through ``readers`` if missing.
 
         A hit touches no network. A miss waits (bounded) for another sender fetching the
-        same image, else fetches it itself, resuming a killed fetch's ``.part``.
+        same image, else fetches it itself, resuming a killed fetch's ``.part``; then
+        ``on_hashed(part, n)`` says, from this thread, that the first ``n`` bytes of the
+        file ``part`` (already at its full size) are written and hashed, so a sender can
+        multicast them while the rest arrives. ``cancel`` stops such a fetch (fetch()).
         """
         entry = self.entry_id(key, expected_sha256)
 
         def make(image: str, reserve: Callable[[int], None]) -> tuple[dict, Any]:
+            hashed = None if on_hashed is None else functools.partial(
+                on_hashed, part_path(image))
             result = fetch(readers, image, expected_sha256=expected_sha256,
-                           reserve=reserve, **self._fetch_options)
+                           reserve=reserve, on_hashed=hashed, cancel=cancel,
+                           **self._fetch_options)
             return {"key": key, "size": result.size, "sha256": result.sha256,
                     "etag": result.etag, "fetched": time.time()}, result
 

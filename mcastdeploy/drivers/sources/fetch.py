@@ -74,6 +74,7 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
           retry: Optional[RetryPolicy] = None,
           reserve: Optional[Callable[[int], None]] = None,
           on_hashed: Optional[Callable[[int], None]] = None,
+          cancel: Optional[threading.Event] = None,
           rng: Optional[random.Random] = None) -> FetchResult:
     """Fetch the object that every reader in ``readers`` holds into ``dest_path``.
 
@@ -87,12 +88,16 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
     ``on_hashed(n)`` is called, from the calling thread, each time the first ``n`` bytes of
     ``DEST.part`` are written and folded into the running SHA-256 (about every MB): a
     sender may multicast that prefix while the rest is still arriving.
+
+    Setting ``cancel`` (from any thread) stops the fetch within about a second: it raises
+    FetchError and keeps the ``.part`` to resume. The fetch sets it too when it ends, to
+    stop its own connections.
     """
     if connections < 1 or range_bytes < 1:
         raise ValueError("connections and range_bytes must be positive")
     started = time.monotonic()
     expected = expected_sha256.lower() if expected_sha256 else None
-    stop = threading.Event()
+    stop = cancel if cancel is not None else threading.Event()
     copies = _Copies(readers, retry or RetryPolicy(), expected is not None,
                      rng or random.Random())
     copies.attempt(lambda reader: None, "the image's size", stop)  # describes a live copy
@@ -335,6 +340,8 @@ class _Transfer:
                 self._pending.put(index)
         self._counter = threading.Lock()
         self.bytes_fetched = 0
+        #: Range -> bytes written contiguously from its start, while it is being fetched.
+        self._written: dict[int, int] = {}
 
     def run(self, connections: int) -> str:
         """Fetch every missing range; returns the SHA-256 (hex) of the whole file."""
@@ -361,24 +368,37 @@ class _Transfer:
         return start, min(self._size, start + self._range_bytes)
 
     def _digest_in_order(self, digest: "hashlib._Hash") -> None:
+        """Hash the file front to back as it fills: within a range too, as far as its
+        connection has written, so that ``on_hashed`` moves every megabyte or so rather
+        than once a range (8 MB, the first of them arriving last of all at a slow start)."""
         for index in range(self._count):
-            with self._ready:
-                while index not in self._done:
-                    if self._errors or self._stop.is_set():
-                        return
-                    self._ready.wait(0.5)
             start, end = self._range(index)
-            for offset in range(start, end, _HASH_READ):
-                try:
-                    data = os.pread(self._fd, min(_HASH_READ, end - offset), offset)
-                except OSError as error:
-                    raise FetchError(f"cannot read back {self._part}: {error.strerror}") \
-                        from None
-                if not data:
-                    raise FetchError(f"{self._part} shrank while being fetched")
-                digest.update(data)
-                if self._on_hashed is not None:
-                    self._on_hashed(offset + len(data))
+            offset = start
+            while offset < end:
+                with self._ready:
+                    while (available := self._available(index, start, end)) <= offset:
+                        if self._errors or self._stop.is_set():
+                            return
+                        self._ready.wait(0.5)
+                while offset < available:
+                    length = min(_HASH_READ, available - offset)
+                    try:
+                        data = os.pread(self._fd, length, offset)
+                    except OSError as error:
+                        raise FetchError(f"cannot read back {self._part}: "
+                                         f"{error.strerror}") from None
+                    if not data:
+                        raise FetchError(f"{self._part} shrank while being fetched")
+                    digest.update(data)
+                    offset += len(data)
+                    if self._on_hashed is not None:
+                        self._on_hashed(offset)
+
+    def _available(self, index: int, start: int, end: int) -> int:
+        """How far range ``index`` is written contiguously from its start (under _ready)."""
+        if index in self._done:
+            return end
+        return start + self._written.get(index, 0)
 
     def _work(self) -> None:
         try:
@@ -391,6 +411,7 @@ class _Transfer:
                 self._log.record(index)
                 with self._ready:
                     self._done.add(index)
+                    self._written.pop(index, None)
                     self._ready.notify_all()
         except _Stopped:
             pass
@@ -419,6 +440,9 @@ class _Transfer:
                     position += len(chunk)
                     with self._counter:
                         self.bytes_fetched += len(chunk)
+                    with self._ready:  # the digest may follow up to here
+                        self._written[index] = position - start
+                        self._ready.notify_all()
                     if self._stop.is_set():
                         raise _Stopped()
             finally:

@@ -88,10 +88,13 @@ class HttpRangeReader:
         finished = False
         try:
             self._check(response, start, end)
-            yield from read_exactly(response.read, end - start, name=self.name,
+            # read1: what has arrived, up to a chunk, so a slow link's bytes are written
+            # (and may be multicast) as they come rather than a megabyte at a time.
+            yield from read_exactly(response.read1, end - start, name=self.name,
                                     what=f"bytes {start}-{end - 1}",
                                     broke=(OSError, http.client.HTTPException),
                                     reason=self._reason)
+            response.read()  # b"": read1 alone never marks the response finished
             finished = True  # the whole body was read: the connection can serve the next
         finally:
             if not finished:

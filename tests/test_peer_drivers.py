@@ -1,0 +1,128 @@
+"""The peer block server and fetcher on loopback TCP: failover, lying and absent peers.
+
+The rack tests (tests/test_rack_peers.py) run them inside ``recv`` and ``send``; these
+need no root, and check the drivers' own promises: blocks come from several peers at
+once, a peer whose block the caller rejects is dropped and its blocks fetched from the
+others, and a fetcher with no usable peer says so ("exhausted") instead of hanging.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+
+import pytest
+
+from mcastdeploy.drivers.peer_fetch import PeerFetcher
+from mcastdeploy.drivers.peer_server import BlockServer
+from mcastdeploy.protocol.geometry import ImageGeometry
+from mcastdeploy.protocol.manifest import block_hash
+
+SECRET = bytes(range(32))
+SID = 0x5EED_0002
+GEOMETRY = ImageGeometry(60 * 4 * 256 - 100, 256, 4)  # 60 blocks of 1 KiB, a short last one
+
+
+class LyingServer(BlockServer):
+    def _read(self, geometry, block):  # type: ignore[override]
+        data = bytearray(super()._read(geometry, block))
+        data[0] ^= 1
+        return bytes(data)
+
+
+@pytest.fixture
+def image(tmp_path) -> tuple[str, bytes]:
+    data = random.Random(3).randbytes(GEOMETRY.image_size)
+    path = tmp_path / "image.raw"
+    path.write_bytes(data)
+    return str(path), data
+
+
+def serve(server_class, path: str, held=None) -> BlockServer:
+    server = server_class(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=5.0)
+    server.serve(path, GEOMETRY, held)
+    return server
+
+
+def run_fetch(fetcher: PeerFetcher, data: bytes, deadline: float = 20.0) -> dict:
+    """Play the receiver: check each block, accept or reject it, until all are in or the
+    fetcher is exhausted.  What happened."""
+    hashes = [block_hash(data[GEOMETRY.offset(b):GEOMETRY.offset(b) + GEOMETRY.block_length(b)])
+              for b in range(GEOMETRY.block_count)]
+    got: dict[int, bytes] = {}
+    rejected, exhausted = 0, None
+    until = time.monotonic() + deadline
+    while len(got) < GEOMETRY.block_count and exhausted is None:
+        assert time.monotonic() < until, f"only {len(got)} blocks in time"
+        try:
+            item = fetcher.results.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if item[0] in ("failed",):
+            continue
+        if item[0] == "exhausted":
+            exhausted = item[1]
+            continue
+        peer, block, blob = item
+        if block_hash(blob) == hashes[block]:
+            got[block] = blob
+            fetcher.accepted(block)
+        else:
+            rejected += 1
+            fetcher.rejected(peer, block)
+    fetcher.close()
+    return {"got": got, "rejected": rejected, "exhausted": exhausted}
+
+
+def test_blocks_from_two_peers_one_lying(image):
+    path, data = image
+    honest, liar = serve(BlockServer, path), serve(LyingServer, path)
+    try:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=4, timeout=5.0)
+        fetcher.add_peers([("127.0.0.1", honest.port, 1), ("127.0.0.1", liar.port, 2)])
+        fetcher.want(range(GEOMETRY.block_count))
+        outcome = run_fetch(fetcher, data)
+    finally:
+        honest.close()
+        liar.close()
+    assert outcome["exhausted"] is None
+    assert b"".join(outcome["got"][b] for b in range(GEOMETRY.block_count)) == data
+    assert outcome["rejected"] >= 1  # both started at once: the liar was asked too
+    assert fetcher.failed_origins == (2,)
+    assert honest.bytes_served >= GEOMETRY.image_size - 4 * GEOMETRY.block_bytes
+
+
+def test_no_usable_peer_is_reported_not_waited_for(image):
+    path, data = image
+    held = bytearray(GEOMETRY.block_count)  # a seeder that holds nothing yet
+    empty = serve(BlockServer, path, held)
+    gone = serve(BlockServer, path)
+    gone_port = gone.port
+    gone.close()  # nobody listens there any more
+    try:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              timeout=2.0)
+        fetcher.add_peers([("127.0.0.1", empty.port, 1), ("127.0.0.1", gone_port, 2)])
+        fetcher.want(range(GEOMETRY.block_count))
+        outcome = run_fetch(fetcher, data)
+    finally:
+        empty.close()
+    assert outcome["got"] == {}
+    assert set(outcome["exhausted"]) == {1, 2}
+
+
+def test_wrong_key_gets_nothing(image):
+    path, data = image
+    server = serve(BlockServer, path)
+    try:
+        fetcher = PeerFetcher(bytes(32), SID, encrypt=True, geometry=GEOMETRY,
+                              wake=lambda: None, timeout=2.0)
+        fetcher.add_peers([("127.0.0.1", server.port, 1)])
+        fetcher.want(range(GEOMETRY.block_count))
+        outcome = run_fetch(fetcher, data)
+    finally:
+        server.close()
+    assert outcome["got"] == {} and outcome["exhausted"] == (1,)
+    assert server.bytes_served == 0

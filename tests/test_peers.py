@@ -488,3 +488,32 @@ def test_finished_receiver_hears_the_end_of_the_session() -> None:
     for data, _ in session.step(3.0):
         done.receive_datagram(data, SENDER, 3.0)
     assert done.session_over and drain(done) == [events.SessionOver()]
+
+
+def test_receiver_that_joined_by_unicast_after_the_pass_and_hears_no_group_is_multicast_dead(
+        ) -> None:
+    """Taken for a late joiner first (its unicast ANNOUNCE says the pass is over), then
+    found multicast-dead: repair cannot reach it, so with no peer and no source it fails
+    rather than wait for repair forever."""
+    session = Session(source_port=0)
+    session.run_pass()
+    dead = make_receiver(11, sender_hint=SENDER)
+    dead.start(2.0)
+    dead.handle_timer(2.0)
+    session.deliver(dead, ("10.0.0.60", 5000), 2.0)  # its STATUS; the unicast ANNOUNCE back
+    assert dead.straggler == "joined after the multicast pass" and not dead.multicast_dead
+    dead.handle_timer(2.0)
+    session.deliver(dead, ("10.0.0.60", 5000), 2.0)  # its PEER_REQUEST; PEERS back
+    offered = [e for e in drain(dead) if isinstance(e, events.PeersOffered)]
+    assert offered and offered[0].peers == () and offered[0].source is None
+    dead.peers_failed(2.0)  # what the driver does: no peer, no source
+    now = 2.0
+    while not dead.multicast_dead:
+        now = dead.get_timer()
+        assert now is not None and now < 6.0
+        dead.handle_timer(now)
+        session.deliver(dead, ("10.0.0.60", 5000), now)
+    assert [e for e in drain(dead) if isinstance(e, events.PeersOffered)]  # asked again
+    dead.peers_failed(now)
+    assert dead.phase is ReceiverPhase.FAILED
+    assert "no multicast reaches" in dead.failure

@@ -116,8 +116,9 @@ class Straggling:
         """No peer left to fetch from: more peers, else the source, else multicast."""
         fetcher = self.fetcher
         assert fetcher is not None
-        if self._on_multicast:
+        if self._on_multicast and not self._receiver.multicast_dead:
             return
+        self._on_multicast = False
         if not self._listed and not self._receiver.multicast_dead:
             log.warning("no peer seeds: multicast repair from the sender")
             self._give_up(now)

@@ -349,12 +349,18 @@ class Receiver:
         if self.manifest is not None:
             self._ask_manifest(now)
         if self.phase is ReceiverPhase.RECEIVING:
-            if self.straggler is None:
+            if not self.multicast_dead:
                 reason = self.config.straggler.multicast_dead(now, self._group_heard,
                                                               self._unicast_heard)
                 if reason is not None:
                     self.multicast_dead = True
-                    self._become_straggler(reason, now)
+                    if self.straggler is None:
+                        self._become_straggler(reason, now)
+                    elif not self._peering:
+                        # Given back to multicast repair, which cannot reach us: ask
+                        # for peers again (the driver turns to the source if none).
+                        self._peer_asks = 0
+                        self._peer_ask_at = now
             if self._peer_ask_at is not None and now >= self._peer_ask_at:
                 self._ask_peers(now)
         if self._timing is not None and self.phase is ReceiverPhase.RECEIVING \
@@ -371,7 +377,7 @@ class Receiver:
             deadlines.append(self._nacks.nack_at)
         if self._peer_ask_at is not None:
             deadlines.append(self._peer_ask_at)
-        if self.phase is ReceiverPhase.RECEIVING and self.straggler is None \
+        if self.phase is ReceiverPhase.RECEIVING and not self.multicast_dead \
                 and self._unicast_heard is not None \
                 and self._unicast_heard >= self._group_heard:
             # Only while the sender's latest word came by unicast: else the deadline
@@ -848,9 +854,13 @@ class Receiver:
 
     def peers_failed(self, now: float) -> None:
         """(driver) No peer and not the source could serve: back to multicast repair,
-        the sender's own last resort."""
+        the sender's own last resort -- unless the group does not reach us."""
         self._peering = False
         self._peer_ask_at = None
+        if self.multicast_dead:
+            self._fail("no multicast reaches this receiver, and no peer nor the source "
+                       "could serve it")
+            return
         self._resume_multicast_repair(now)
 
     def _resume_multicast_repair(self, now: float) -> None:

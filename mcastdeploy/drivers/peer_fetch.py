@@ -22,7 +22,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Union
 
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.peering import (MAX_REQUEST_BLOCKS, NONCE_BYTES, BlockReceived,

@@ -789,7 +789,7 @@ class Receiver:
     def _on_pass_complete(self, now: float) -> None:
         """The first ANNOUNCE saying the pass is over: a late joiner, or one that missed
         much of the pass, is a straggler."""
-        joined_now = self.stats.data_packets == 0 and not self._pass_complete
+        joined_now = self.stats.data_packets == 0  # no DATA yet: it missed the whole pass
         self._pass_complete = True
         if self.straggler is not None or self.phase is not ReceiverPhase.RECEIVING \
                 or self.geometry is None:

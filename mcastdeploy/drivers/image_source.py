@@ -34,6 +34,10 @@ class LocalImage:
             os.close(self._fd)
             raise SourceError(f"image {path} is empty")
 
+    def fileno(self) -> int:
+        """The open image (a download's part file may be renamed or removed meanwhile)."""
+        return self._fd
+
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:

@@ -60,11 +60,13 @@ class BlockServer:
                                         daemon=True)
         self._thread.start()
 
-    def serve(self, path: str, geometry: ImageGeometry,
+    def serve(self, source: str | int, geometry: ImageGeometry,
               held: Optional[bytearray] = None) -> None:
-        """Serve blocks of ``path`` laid out as ``geometry``: those marked in ``held``
-        (a byte per block, set by the caller once a block is verified on disk), or all."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        """Serve blocks of ``source`` (a path, or an open file descriptor, duplicated)
+        laid out as ``geometry``: those marked in ``held`` (a byte per block, set by the
+        caller once a block is verified on disk), or all."""
+        fd = (os.dup(source) if isinstance(source, int)
+              else os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)

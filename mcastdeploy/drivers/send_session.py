@@ -280,7 +280,7 @@ def _run_with(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
         sender.set_readable(0, time.monotonic())  # nothing until the download says so
     #: While downloading, the source serves only the blocks hashed so far.
     held = None if feed is None else bytearray(geometry.block_count)
-    source.serve(image.path, geometry, held)
+    source.serve(image.fileno(), geometry, held)
     served_upto = 0
     ended: list[events.SessionEnded] = []
 

@@ -277,6 +277,8 @@ def test_write_image_over_multicast_onto_the_install_device(agent, tmp_path, loo
     assert status["state"] == "done"
     assert status["blocks_done"] == status["blocks_total"] > 0
     assert status["bytes_done"] == status["bytes_total"] == IMAGE_SIZE
+    # Ironic's URLs of the raw image were the straggler's last resort (unused here).
+    assert ipa_job.current_job().origin == tuple(image_info["urls"])
 
 
 def test_wrong_checksum_falls_back_to_ipas_download(agent, tmp_path, loop_disk, gpt_image,

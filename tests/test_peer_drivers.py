@@ -126,3 +126,36 @@ def test_wrong_key_gets_nothing(image):
         server.close()
     assert outcome["got"] == {} and outcome["exhausted"] == (1,)
     assert server.bytes_served == 0
+
+
+def test_the_origin_serves_by_ranged_get_after_a_dead_peer(image):
+    """The very last resort: the image's origin URL (raw bytes, as Ironic gives it),
+    read in ranges of whole blocks; a corrupt origin copy is caught like a lying peer."""
+    from http_objects import ObjectServer
+
+    from mcastdeploy.drivers.sources import HttpRangeReader
+
+    _, data = image
+    corrupt = bytearray(data)
+    corrupt[5 * GEOMETRY.block_bytes] ^= 1
+    gone = serve(BlockServer, image[0])
+    gone_port = gone.port
+    gone.close()
+    with ObjectServer({"/good": data, "/bad": bytes(corrupt)}) as server:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=8, timeout=2.0)
+        fetcher.add_peers([("127.0.0.1", gone_port, 1)])
+        fetcher.want(range(GEOMETRY.block_count))
+        first = run_fetch(fetcher, data)
+        assert first["got"] == {} and first["exhausted"] == (1,)
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=8, timeout=2.0, parallel=1)
+        assert fetcher.add_origin([HttpRangeReader(server.url("/bad")),
+                                   HttpRangeReader(server.url("/good"))]) == 2
+        fetcher.want(range(GEOMETRY.block_count))
+        outcome = run_fetch(fetcher, data)
+    assert outcome["exhausted"] is None and outcome["rejected"] == 1
+    assert b"".join(outcome["got"][b] for b in range(GEOMETRY.block_count)) == data
+    # Ranges of whole blocks, never more than a batch: one GET per run, not per block.
+    assert all((end - start) <= 8 * GEOMETRY.block_bytes for start, end in server.served)
+    assert len(server.served) < GEOMETRY.block_count

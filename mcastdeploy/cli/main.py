@@ -388,20 +388,24 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 @click.option("--direct", is_flag=True,
               help="Write with O_DIRECT, past the page cache (large images on agents with "
                    "little memory); the target's file system must support it.")
+@click.option("--origin", "origin", multiple=True, metavar="URL",
+              help="Where the raw image is stored (http, https, swift; repeat for copies): "
+                   "the very last resort of a straggler that neither peers nor the "
+                   "sender's block server can serve.")
 @_network_options
 @_json_option
 @_progress_option
 @click.argument("target", type=click.Path(dir_okay=False))
 @_one_line_errors
 def recv(session_path: str, timeout: float, resume: bool, seed_time: float, direct: bool,
-         group: Optional[str],
+         origin: tuple[str, ...], group: Optional[str],
          port: Optional[int], interface: Optional[str], rate: Optional[RateSetting],
          as_json: bool, progress: str, target: str) -> None:
     """Receive the session's image into TARGET (a file or block device), verified."""
     spec = _load_spec(session_path, group, port, interface, rate)
     _run_and_report("recv", progress, as_json,
                     functools.partial(run_recv, spec, target, timeout=timeout, resume=resume,
-                                      seed_time=seed_time, direct=direct))
+                                      seed_time=seed_time, direct=direct, origin=origin))
 
 
 @main.command()

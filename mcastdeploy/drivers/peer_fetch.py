@@ -15,6 +15,7 @@ left while blocks are still wanted, ``("exhausted", failed origins)`` goes into
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import secrets
@@ -22,8 +23,10 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
+from mcastdeploy.drivers.sources.errors import ReadError
+from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.peering import (MAX_REQUEST_BLOCKS, NONCE_BYTES, BlockReceived,
                                           NotHeld, PeerClient, PeerError)
@@ -41,13 +44,17 @@ class Peer:
     host: str
     port: int
     origin: int
-    #: The sender's own block server: the last resort.
+    #: The sender's own block server, or the image's origin: the last resorts.
     source: bool = False
+    #: The image's origin (Swift, HTTP): ranged GETs instead of the peer stream.
+    reader: Optional[RangeReader] = None
     failed: bool = False
     bytes_received: int = 0
     blocks: list[int] = field(default_factory=list)  # in flight on this peer
 
     def __str__(self) -> str:
+        if self.reader is not None:
+            return f"origin {self.reader.name}"
         return f"{'source' if self.source else 'peer'} {self.host}:{self.port}"
 
 
@@ -107,6 +114,22 @@ class PeerFetcher:
                     continue
                 self._known.add((host, port))
                 self._spares.append(Peer(host, port, origin, source=source))
+                new += 1
+            if new:
+                self._exhausted_told = False
+            self._start_workers()
+        return new
+
+    def add_origin(self, readers: Iterable[RangeReader]) -> int:
+        """The image's origin copies (raw bytes, e.g. the URLs Ironic gave), fetched by
+        ranged GET like peers; those seen before are ignored. Returns how many are new."""
+        new = 0
+        with self._lock:
+            for reader in readers:
+                if ("origin", reader.name) in self._known:
+                    continue
+                self._known.add(("origin", reader.name))
+                self._spares.append(Peer(reader.name, 0, 0, source=True, reader=reader))
                 new += 1
             if new:
                 self._exhausted_told = False
@@ -209,7 +232,7 @@ class PeerFetcher:
     def _work(self, peer: Peer) -> None:
         try:
             self._fetch_from(peer)
-        except (OSError, PeerError) as error:
+        except (OSError, PeerError, ReadError) as error:
             log.warning("%s failed: %s", peer, error)
             with self._lock:
                 self._fail(peer)
@@ -222,23 +245,57 @@ class PeerFetcher:
                 self._lock.notify_all()
 
     def _fetch_from(self, peer: Peer) -> None:
+        if peer.reader is not None:
+            self._fetch_ranges(peer, peer.reader)
+            return
         channel = PeerClient(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
                              encrypt=self._encrypt, block_bytes=self._geometry.block_bytes)
         with socket.create_connection((peer.host, peer.port), timeout=self._timeout) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while True:
-                with self._lock:
-                    while not self._pending and self._wanted and not peer.failed \
-                            and not self._closed:
-                        self._lock.wait(0.5)  # others' blocks may come back to us
-                    if peer.failed or self._closed or not self._pending:
-                        return
-                    run = self._take(peer)
-                if not run:
-                    continue
+            while run := self._next_run(peer):
                 channel.request(run[0], len(run))
                 conn.sendall(channel.data_to_send())
                 self._receive_run(peer, channel, conn, set(run))
+
+    def _next_run(self, peer: Peer) -> list[int]:
+        """The next run of blocks for ``peer``; [] when it should stop."""
+        with self._lock:
+            while True:
+                while not self._pending and self._wanted and not peer.failed \
+                        and not self._closed:
+                    self._lock.wait(0.5)  # others' blocks may come back to us
+                if peer.failed or self._closed or not self._pending:
+                    return []
+                run = self._take(peer)
+                if run:
+                    return run
+
+    def _fetch_ranges(self, peer: Peer, reader: RangeReader) -> None:
+        """Runs of blocks as one ranged GET each from the origin; cut into blocks here,
+        checked by the loop thread like any peer's."""
+        geometry = self._geometry
+        while run := self._next_run(peer):
+            start = geometry.offset(run[0])
+            end = geometry.offset(run[-1]) + geometry.block_length(run[-1])
+            with contextlib.closing(reader.read_range(start, end)) as chunks:  # type: ignore[type-var]
+                if not self._cut_into_blocks(peer, chunks, run):
+                    return
+
+    def _cut_into_blocks(self, peer: Peer, chunks: Iterable[bytes], run: list[int]) -> bool:
+        geometry = self._geometry
+        pending = bytearray()
+        block = run[0]
+        for chunk in chunks:
+            pending += chunk
+            while block <= run[-1] and len(pending) >= geometry.block_length(block):
+                length = geometry.block_length(block)
+                data = bytes(pending[:length])
+                del pending[:length]
+                peer.bytes_received += length
+                if not self._deliver(peer, block, data):
+                    return False
+                block += 1
+        return True
 
     def _receive_run(self, peer: Peer, channel: PeerClient, conn: socket.socket,
                      waiting: set[int]) -> None:
@@ -253,19 +310,26 @@ class PeerFetcher:
                         raise PeerError(f"block {event.block} was not asked for")
                     waiting.discard(event.block)
                     peer.bytes_received += len(event.data)
-                    while not self._slots.acquire(timeout=0.5):
-                        if self._closed:
-                            return
-                    with self._lock:
-                        if peer.failed:
-                            self._slots.release()
-                            return
-                        peer.blocks.remove(event.block)
-                    self.results.put((peer, event.block, event.data))
-                    self._wake()
+                    if not self._deliver(peer, event.block, event.data):
+                        return
                 elif isinstance(event, NotHeld):
                     # A seeder holds the whole image; one that does not is no use to us.
                     raise PeerError(f"blocks {event.first}+{event.count} not held")
             out = channel.data_to_send()
             if out:
                 conn.sendall(out)
+
+    def _deliver(self, peer: Peer, block: int, data: bytes) -> bool:
+        """Queue ``block`` for the loop thread (waiting for room); False when ``peer``
+        should stop (dropped, or the fetcher closed)."""
+        while not self._slots.acquire(timeout=0.5):
+            if self._closed:
+                return False
+        with self._lock:
+            if peer.failed:
+                self._slots.release()
+                return False
+            peer.blocks.remove(block)
+        self.results.put((peer, block, data))
+        self._wake()
+        return True

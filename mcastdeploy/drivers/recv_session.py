@@ -12,11 +12,13 @@ import secrets
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from mcastdeploy.drivers.event_loop import EventLoop
+from mcastdeploy.drivers.image_source import SourceError
 from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.peer_server import BlockServer
+from mcastdeploy.drivers.sources import RangeReader, readers_for
 from mcastdeploy.drivers.straggling import Straggling
 from mcastdeploy.drivers.target import Target, TargetError, check_target
 from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicast_socket,
@@ -63,6 +65,7 @@ class RecvSummary:
     bytes_from_multicast: int = 0
     bytes_from_peers: int = 0
     bytes_from_source: int = 0
+    bytes_from_origin: int = 0
     #: Blocks peers served that the manifest refused (each dropped its peer).
     peer_blocks_rejected: int = 0
     #: Why this receiver fetched from peers ("" if it did not).
@@ -77,15 +80,20 @@ class RecvSummary:
 def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
              resume: bool = False, direct: bool = False,
              on_progress: Optional[Callable[[RecvProgress], None]] = None,
-             seed_time: float = 0.0) -> RecvSummary:
+             seed_time: float = 0.0, origin: Sequence[str] = ()) -> RecvSummary:
     """Receive the session's image into ``target_path``; verified before it says ok.
     ``direct`` writes with O_DIRECT (target.DirectWriter).
 
     With ``seed_time``, serve the verified blocks to stragglers (docs/peers.rst) while
     receiving and for that many seconds after finishing, or until the sender ends the
-    session.  Raises NetworkError/TargetError for unusable settings (before anything is
-    written).
+    session.  ``origin``: URLs of the raw image (Ironic's, say), fetched by ranged GET as
+    a straggler's very last resort.  Raises NetworkError/TargetError/SourceError for
+    unusable settings (before anything is written).
     """
+    if origin and spec.image_format != "raw":
+        raise SourceError("origin URLs serve the image as stored; a qcow2 image is only "
+                          "sent raw by the sender")
+    origin_readers = readers_for(list(origin))
     check_group(spec.group)
     interface = resolve_interface(spec.interface)
     check_target(target_path, spec.disk_size)
@@ -98,7 +106,7 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
                       if seed_time > 0 else None)
             try:
                 return _run(spec, target_path, timeout, resume, group_sock, unicast_sock,
-                            on_progress, direct, server, seed_time)
+                            on_progress, direct, server, seed_time, origin_readers)
             finally:
                 if server is not None:
                     server.close()
@@ -141,7 +149,8 @@ def keep_what_target_holds(receiver: Receiver, target: Target, blocks: range,
 
 def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, group_sock,
          unicast_sock, on_progress: Optional[Callable[[RecvProgress], None]],
-         direct: bool, server: Optional[BlockServer], seed_time: float) -> RecvSummary:
+         direct: bool, server: Optional[BlockServer], seed_time: float,
+         origin: Sequence[RangeReader] = ()) -> RecvSummary:
     receiver = Receiver(ReceiverConfig(session_id=spec.session_number,
                                        expected_checksum=spec.disk_checksum,
                                        timeout=timeout, key=spec.key_bytes,
@@ -152,7 +161,7 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
                                        sender_hint=spec.sender_address,
                                        seed_port=server.port if server else 0),
                         origin=secrets.randbits(32))
-    straggling = Straggling(spec, receiver)
+    straggling = Straggling(spec, receiver, origin=origin)
     #: A byte per block: 1 once it is verified on the target (what the seeder serves).
     held = bytearray()
     started = finished = time.monotonic()
@@ -235,9 +244,11 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         rejected=rejected(stats),
         peak_rss_mb=peak_rss_mb(),
         bytes_from_multicast=max(0, (target.bytes_written if target else 0)
-                                 - straggling.bytes_from_peers - straggling.bytes_from_source),
+                                 - straggling.bytes_from_peers - straggling.bytes_from_source
+                                 - straggling.bytes_from_origin),
         bytes_from_peers=straggling.bytes_from_peers,
         bytes_from_source=straggling.bytes_from_source,
+        bytes_from_origin=straggling.bytes_from_origin,
         peer_blocks_rejected=straggling.peer_blocks_rejected,
         straggler=receiver.straggler or "",
         bytes_seeded=server.bytes_served if server else 0,

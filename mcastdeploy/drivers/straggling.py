@@ -9,7 +9,9 @@ for become BlockDecoded and are written.  The order of resort:
 1. the peers the tracker listed (several at once, failover between them);
 2. more peers: the tracker is asked again, without the ones that failed;
 3. the **last resort**, the source (the sender's own block server), logged as such;
-4. nothing left: multicast repair from the sender (``Receiver.peers_failed``).
+4. past it, the image's origin (ranged GETs of the URLs Ironic or ``recv --origin`` gave,
+   raw images only), for a sender whose block server cannot be reached;
+5. nothing left: multicast repair from the sender (``Receiver.peers_failed``).
 
 When the tracker has named no peer at all (nobody seeds), multicast repair comes first
 instead: it is the sender's ordinary job, and one repair round serves every straggler
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import queue
-from typing import Optional
+from typing import Optional, Sequence
 
 from mcastdeploy.drivers.event_loop import Wakeup
 from mcastdeploy.drivers.peer_fetch import PeerFetcher
+from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.receiver import Receiver
 from mcastdeploy.spec import SessionSpec
@@ -43,7 +46,7 @@ TOP_UP_BELOW = 2
 
 class Straggling:
     def __init__(self, spec: SessionSpec, receiver: Receiver, *, parallel: int = 4,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, origin: Sequence[RangeReader] = ()) -> None:
         self._spec = spec
         self._receiver = receiver
         self._parallel = parallel
@@ -53,6 +56,8 @@ class Straggling:
         self.fetcher: Optional[PeerFetcher] = None
         self._source: Optional[tuple[str, int]] = None
         self._source_used = False
+        self._origin = list(origin)
+        self._origin_used = False
         self._rounds = 0
         self._top_ups = 0
         self._listed = 0  # peers the tracker has named so far
@@ -60,6 +65,7 @@ class Straggling:
         self.reason = ""
         self.bytes_from_peers = 0
         self.bytes_from_source = 0
+        self.bytes_from_origin = 0
         self.peer_blocks_rejected = 0
 
     def close(self) -> None:
@@ -140,6 +146,13 @@ class Straggling:
                         "%s:%d", host, port)
             fetcher.add_peers([(host, port, 0)], source=True)
             return
+        if self._origin and not self._origin_used:
+            self._origin_used = True
+            log.warning("last resort: neither peers nor the sender's block server can "
+                        "serve, fetching from the image's origin %s",
+                        ", ".join(reader.name for reader in self._origin))
+            fetcher.add_origin(self._origin)
+            return
         log.warning("no peer and not the source can serve: multicast repair")
         self._give_up(now)
 
@@ -175,7 +188,9 @@ class Straggling:
                 continue
             fetcher.accepted(block)
             if verdict:
-                if peer.source:  # type: ignore[union-attr]
+                if peer.reader is not None:  # type: ignore[union-attr]
+                    self.bytes_from_origin += len(data)
+                elif peer.source:  # type: ignore[union-attr]
                     self.bytes_from_source += len(data)
                 else:
                     self.bytes_from_peers += len(data)

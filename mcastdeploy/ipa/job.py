@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from mcastdeploy.drivers.recv_session import RecvProgress, RecvSummary, run_recv
 from mcastdeploy.ipa.ironic_spec import IronicSpec
@@ -44,9 +44,12 @@ class ReceiveJob:
     def __init__(self, ironic: IronicSpec, session: SessionSpec,
                  find_device: Callable[[], str],
                  prepare_device: Callable[[str], None] = lambda device: None,
-                 *, early: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, early: bool = False, origin: Sequence[str] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ironic = ironic
         self.session = session
+        #: The raw image's URLs from Ironic: a straggler's very last resort.
+        self.origin = tuple(origin)
         self.early = early
         self._find_device = find_device
         self._prepare_device = prepare_device
@@ -91,7 +94,7 @@ class ReceiveJob:
             self._check_stop()
             self._set_state("waiting for the sender")
             summary = run_recv(self.session, self.device, timeout=self.ironic.timeout,
-                               on_progress=self._on_progress)
+                               on_progress=self._on_progress, origin=self.origin)
             outcome = JobOutcome(summary.ok, summary.reason, summary)
         except JobStopped as stop:
             outcome = JobOutcome(False, str(stop))

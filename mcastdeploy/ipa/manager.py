@@ -77,7 +77,12 @@ class MulticastHardwareManager(hardware.HardwareManager):
         except SpecError as error:  # the rack head could not be asked, or refused
             _decline(f"no session for the image: {error}")
         device = hardware.dispatch_to_managers("get_os_install_device", permit_refresh=True)
-        job = _job_for(ironic, session, device, node.get("uuid"))
+        # Ironic's own URLs of a raw image: what a straggler fetches when neither peers
+        # nor the rack head's block server can serve (IPA's download, block by block).
+        origin = [url for url in image_info.get("urls") or ()
+                  if isinstance(url, str) and url.startswith(("http://", "https://"))] \
+            if raw else []
+        job = _job_for(ironic, session, device, node.get("uuid"), origin)
         outcome = job.wait(ironic.deadline + WAIT_MARGIN)
         if outcome is None:
             job.cancel()
@@ -145,7 +150,7 @@ def _decline(reason: str) -> NoReturn:
 
 
 def _job_for(ironic: IronicSpec, session: SessionSpec, device: str,
-             node_uuid: Optional[str]) -> ReceiveJob:
+             node_uuid: Optional[str], origin: list[str]) -> ReceiveJob:
     """The early job for this session and device if there is one that has not failed;
     else a new one (the sender may have come up since lookup)."""
     early = current_job()
@@ -155,7 +160,8 @@ def _job_for(ironic: IronicSpec, session: SessionSpec, device: str,
             not (early.finished and not (early.outcome and early.outcome.ok)):
         LOG.info("mcastdeploy: the deploy step waits for the receive started at lookup")
         return early
-    job = ReceiveJob(ironic, session, lambda: device, _device_preparer(node_uuid))
+    job = ReceiveJob(ironic, session, lambda: device, _device_preparer(node_uuid),
+                     origin=origin)
     replace_current_job(job)
     return job.start()
 

@@ -51,6 +51,20 @@ def parse_rate(text: str) -> int:
     return rate
 
 
+def parse_size(text: str) -> int:
+    """'100G' -> bytes (K, M, G, T are powers of 1024; a trailing B or iB is allowed)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    clean = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (clean[:-1], clean[-1]) if clean and clean[-1] in units else (clean, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise SpecError(f"bad size {text!r}: use e.g. 64M or 100G") from None
+    if size <= 0:
+        raise SpecError(f"bad size {text!r}: must be positive")
+    return size
+
+
 RATE_MODES = ("fixed", "auto")
 PROACTIVE_MODES = ("fixed", "auto")
 

@@ -25,7 +25,7 @@ from mcastdeploy.drivers.sources.qcow2 import is_qcow2
 from mcastdeploy.drivers.target import TargetError
 from mcastdeploy.drivers.udp import NetworkError, check_group, resolve_interface
 from mcastdeploy.ipa.ironic_spec import IronicSpec
-from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session,
+from mcastdeploy.spec import (RateSetting, SessionSpec, SpecError, new_session, parse_size,
                               parse_proactive_setting, parse_rate, parse_rate_setting)
 
 EXIT_FAILED = 1
@@ -425,16 +425,10 @@ def demo(receivers: int, size: str, rate: int, keep: Optional[str]) -> None:
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
     try:
-        size = int(float(number) * units[unit])
-    except ValueError:
-        raise CommandError(f"bad size {text!r}: use e.g. 64M") from None
-    if size <= 0:
-        raise CommandError("the size must be positive")
-    return size
+        return parse_size(text)
+    except SpecError as error:
+        raise CommandError(str(error)) from None
 
 
 def _add_service_commands() -> None:

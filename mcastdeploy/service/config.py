@@ -37,6 +37,7 @@ from typing import Any, Optional
 from mcastdeploy.service.groups import parse_range
 from mcastdeploy.spec import (DEFAULT_BLOCK_SYMBOLS, DEFAULT_PORT, DEFAULT_SYMBOL_SIZE,
                               RATE_MODES, SpecError, new_session, parse_rate)
+from mcastdeploy.spec import parse_size as spec_parse_size
 
 DEFAULT_LISTEN = ("0.0.0.0", 6780)
 DEFAULT_STATE_DIR = "/var/lib/mcastdeploy"
@@ -105,17 +106,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def parse_size(text: str) -> int:
-    """'100G' -> bytes (K, M, G, T are powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    clean = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (clean[:-1], clean[-1]) if clean and clean[-1] in units else (clean, "")
+    """'100G' -> bytes (spec.parse_size), as a config error."""
     try:
-        size = int(float(number) * units[unit])
-    except ValueError:
-        raise ConfigError(f"bad size {text!r}: use e.g. 100G") from None
-    if size <= 0:
-        raise ConfigError(f"bad size {text!r}: must be positive")
-    return size
+        return spec_parse_size(text)
+    except SpecError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load(path: str) -> ServeConfig:

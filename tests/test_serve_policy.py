@@ -361,3 +361,17 @@ def test_an_agents_rate_is_from_its_own_reports():
     assert rates.update(2, 10, heard_at=2.0, now=2.0, done=False) == 0.0  # first report
     assert rates.update(2, 20, heard_at=3.0, now=3.0, done=True) == 0.0  # done
     assert rates.update(1, 5, heard_at=6.0, now=6.0, done=False) == 0.0  # restarted
+
+
+def test_a_straggler_shows_peers_as_its_source():
+    """status's SOURCE column: what the sender knows, a receiver that asked for peers."""
+    from mcastdeploy.protocol.sender import ReceiverRecord, Sender, SenderConfig
+    from mcastdeploy.service.session import snapshot
+
+    sender = Sender(SenderConfig(session_id=1, group=("239.1.1.1", 9), rate_bps=10**8), 10_000,
+                    origin=7)
+    sender.receivers[1] = ReceiverRecord(("10.0.0.1", 1), 0.0, 0.0)
+    sender.receivers[2] = ReceiverRecord(("10.0.0.2", 1), 0.0, 0.0, asked_peers=True)
+    sender.receivers[3] = ReceiverRecord(("10.0.0.3", 1), 0.0, 0.0, referred=True)
+    rows = {row["address"]: row["source"] for row in snapshot(sender, 0.0)["receivers"]}
+    assert rows == {"10.0.0.1": "multicast", "10.0.0.2": "peers", "10.0.0.3": "peers"}

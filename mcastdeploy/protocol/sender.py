@@ -115,6 +115,7 @@ class ReceiverRecord:
     done: bool = False
     seed_port: int = 0  # where it serves blocks once finished (STATUS); 0: it does not
     referred: bool = False  # sent to peers once instead of repair (tracker.should_refer)
+    asked_peers: bool = False  # a straggler: it asked the tracker for peers
     #: Repair symbols its NACKs asked for, as heard here (the rack head's status shows it).
     symbols_asked: int = 0
 
@@ -343,6 +344,7 @@ class Sender:
             if not self._refer(header.origin, record, addr, now):
                 self._on_nack(body, now)
         elif isinstance(body, wire.PeerRequest):
+            record.asked_peers = True
             self._on_peer_request(header.origin, body, addr, now)
         elif isinstance(body, wire.Status):
             self.stats.status_received += 1

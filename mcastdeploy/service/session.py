@@ -249,9 +249,9 @@ def snapshot(sender: Sender, elapsed: float, rates: Optional[ReceiveRates] = Non
             "loss": record.packets_lost / total if total else 0.0,
             "repairs_asked": record.symbols_asked, "rate_bps": int(rate),
             "first_seen": record.first_seen,
-            # Every block comes by multicast from this sender for now; peers and the
-            # origin store become other sources when agents seed each other.
-            "source": "multicast",
+            # As the sender sees it: a straggler (it asked for peers, or was sent to
+            # them) takes what it lacks from peers, the rest came by multicast.
+            "source": "peers" if record.asked_peers or record.referred else "multicast",
         })
     stats = sender.stats
     return {

@@ -25,8 +25,8 @@ GEOMETRY = ImageGeometry(60 * 4 * 256 - 100, 256, 4)  # 60 blocks of 1 KiB, a sh
 
 
 class LyingServer(BlockServer):
-    def _read(self, geometry, block):  # type: ignore[override]
-        data = bytearray(super()._read(geometry, block))
+    def _read(self, image, block):  # type: ignore[override]
+        data = bytearray(super()._read(image, block))
         data[0] ^= 1
         return bytes(data)
 
@@ -159,3 +159,46 @@ def test_the_origin_serves_by_ranged_get_after_a_dead_peer(image):
     # Ranges of whole blocks, never more than a batch: one GET per run, not per block.
     assert all((end - start) <= 8 * GEOMETRY.block_bytes for start, end in server.served)
     assert len(server.served) < GEOMETRY.block_count
+
+
+def test_exhaustion_is_told_once_however_often_blocks_are_wanted():
+    """A straggler learns its manifest in many pieces and wants blocks each time; with no
+    peer serving, that is one exhaustion, not one per piece (each would push the driver a
+    step further down its order of resort)."""
+    fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None)
+    for block in range(6):
+        fetcher.want([block])
+    told = []
+    while True:
+        try:
+            told.append(fetcher.results.get_nowait())
+        except queue.Empty:
+            break
+    assert told == [("exhausted", ())]
+    fetcher.add_peers([("127.0.0.1", 9, 5)])  # new peers re-arm it (this one is dead)
+    deadline = time.monotonic() + 10
+    while ("exhausted", (5,)) not in told:
+        assert time.monotonic() < deadline
+        try:
+            told.append(fetcher.results.get(timeout=0.5))
+        except queue.Empty:
+            pass
+    fetcher.close()
+
+
+def test_a_connection_without_the_key_holds_a_slot_only_briefly(image):
+    """Whoever can connect, without the key, must not keep a seeder's few connection
+    slots for the whole idle time (10 s here)."""
+    import socket
+
+    from mcastdeploy.drivers.peer_server import HELLO_TIMEOUT
+
+    server = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=10.0)
+    server.serve(image[0], GEOMETRY)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            started = time.monotonic()
+            assert conn.recv(1) == b""  # closed by the server: a hello never came
+            assert time.monotonic() - started < HELLO_TIMEOUT + 2
+    finally:
+        server.close()

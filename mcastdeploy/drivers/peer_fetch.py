@@ -99,8 +99,9 @@ class PeerFetcher:
                     self._pending.append(block)
                     added = True
             if added:
-                self._exhausted_told = False
                 self._lock.notify_all()
+            # Not re-armed here: blocks wanted while no peer serves are the same
+            # exhaustion, already told; new peers (add_peers, add_origin) re-arm it.
             self._start_workers()
             self._check_exhausted()
 

@@ -26,7 +26,7 @@ import queue
 from typing import Optional, Sequence
 
 from mcastdeploy.drivers.event_loop import Wakeup
-from mcastdeploy.drivers.peer_fetch import PeerFetcher
+from mcastdeploy.drivers.peer_fetch import MAX_QUEUED, PeerFetcher
 from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.receiver import Receiver
@@ -122,6 +122,8 @@ class Straggling:
         """No peer left to fetch from: more peers, else the source, else multicast."""
         fetcher = self.fetcher
         assert fetcher is not None
+        if not (fetcher.idle and fetcher.outstanding):
+            return  # a stale signal: peers came since, or nothing is wanted any more
         if self._on_multicast and not self._receiver.multicast_dead:
             return
         self._on_multicast = False
@@ -163,11 +165,13 @@ class Straggling:
     # -- blocks from the fetcher's threads ---------------------------------------------------
 
     def drain(self, now: float) -> None:
-        """(EventLoop before_send) Hand what the fetcher brought to the receiver."""
+        """(EventLoop before_send) Hand what the fetcher brought to the receiver: at most
+        MAX_QUEUED items a step, since the blocks are written only after it returns (the
+        fetcher's threads refill the queue meanwhile), and the loop must read its sockets."""
         fetcher = self.fetcher
         if fetcher is None:
             return
-        while True:
+        for _ in range(MAX_QUEUED):
             try:
                 item = fetcher.results.get_nowait()
             except queue.Empty:
@@ -194,3 +198,4 @@ class Straggling:
                     self.bytes_from_source += len(data)
                 else:
                     self.bytes_from_peers += len(data)
+        self.wakeup.wake()  # more may be waiting: come back at the next step

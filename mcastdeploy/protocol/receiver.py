@@ -214,6 +214,8 @@ class Receiver:
         #: Peers (or the source) are serving us: no symbol NACKs meanwhile.
         self._peering = False
         self._peer_ask_at: Optional[float] = None
+        #: Where our block server listens (STATUS), until stop_seeding.
+        self._seed_port = config.seed_port
         self._peer_asks = 0
         self._peer_exclude: list[int] = []
         #: Last group packet (multicast) and last unicast answer of the sender.
@@ -265,7 +267,14 @@ class Receiver:
             self.receive_packet(packet, addr, now)
 
     def _after_done(self, data: bytes) -> None:
-        """Finished, perhaps seeding: only the sender's END still matters."""
+        """Finished, perhaps seeding: only the sender's END still matters.  The header is
+        read first so that the rest of the pass's DATA, still arriving, costs no tag check
+        while this node serves its peers."""
+        try:
+            if wire.parse_header(data).type is not wire.PacketType.END:
+                return
+        except wire.WireError:
+            return
         packet = admit(data, self.config.session_id, self.stats, self._protection)
         if packet is not None and isinstance(packet.body, wire.End) \
                 and packet.header.origin == self.sender_id:
@@ -448,9 +457,18 @@ class Receiver:
             packets_lost=self.packets_lost,
             nacks_sent=self.stats.nacks_sent,
             node_id=self.config.node_id,
-            seed_port=self.config.seed_port,
+            seed_port=self._seed_port,
             **self._echo_fields(now),
         ), wire.Flags.REPLY if silent else wire.Flags.NONE)
+
+    def stop_seeding(self, now: float) -> None:
+        """(driver) The block server is closing: tell the tracker (a STATUS with no seed
+        port, twice against loss), so that it lists this node to no more stragglers."""
+        if not self._seed_port:
+            return
+        self._seed_port = 0
+        for _ in range(2):
+            self._send_status(now)
 
     def _send_done(self, now: float) -> None:
         assert self._verified is not None
@@ -850,7 +868,9 @@ class Receiver:
         if self.straggler is None:
             self.straggler = "asked for peers"
         self._peer_asks = 0
-        self._peer_ask_at = now + delay
+        ask_at = now + delay  # an earlier ask already due stays due
+        self._peer_ask_at = ask_at if self._peer_ask_at is None else min(self._peer_ask_at,
+                                                                         ask_at)
 
     def peers_failed(self, now: float) -> None:
         """(driver) No peer and not the source could serve: back to multicast repair,

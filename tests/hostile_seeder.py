@@ -25,9 +25,9 @@ _served = 0
 MODE = sys.argv.pop(1) if __name__ == "__main__" else ""
 
 
-def _lying_read(self, geometry, block: int) -> bytes:
+def _lying_read(self, image, block: int) -> bytes:
     global _served
-    data = bytearray(_read(self, geometry, block))
+    data = bytearray(_read(self, image, block))
     mode = MODE
     _served += 1
     if mode == "corrupt":

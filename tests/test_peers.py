@@ -516,3 +516,18 @@ def test_receiver_that_joined_by_unicast_after_the_pass_and_hears_no_group_is_mu
     dead.peers_failed(now)
     assert dead.phase is ReceiverPhase.FAILED
     assert "no multicast reaches" in dead.failure
+
+
+def test_a_seeder_that_stops_leaves_the_tracker() -> None:
+    """When its block server closes, a seeder says so (STATUS without a seed port), and
+    the tracker lists it to no more stragglers."""
+    session = Session()
+    group = session.run_pass()
+    done = seeder(session, group, ("10.0.0.21", 5000), 7021)
+    assert len(session.sender.tracker) == 1
+    done.stop_seeding(3.0)
+    sent = session.deliver(done, ("10.0.0.21", 5000), 3.0)
+    assert [packet.body.seed_port for packet in sent] == [0, 0]
+    assert len(session.sender.tracker) == 0
+    done.stop_seeding(3.5)  # once is enough
+    assert done.datagrams_to_send(3.5) == []

@@ -136,6 +136,11 @@ class EventLoop:
         self._events(now)
         if self.before_send is not None:
             self.before_send(now)
+        self.send_pending(now)
+        self._events(now)
+
+    def send_pending(self, now: float) -> None:
+        """Send what the protocol has to send now (also after ``run`` ended: last words)."""
         for data, addr in self.protocol.datagrams_to_send(now):
             try:
                 self.send_socket.sendto(data, addr)
@@ -147,4 +152,3 @@ class EventLoop:
                                        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES):
                     raise
                 self.send_errors += 1
-        self._events(now)

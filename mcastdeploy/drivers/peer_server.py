@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.peering import NONCE_BYTES, BlocksRequested, PeerError, PeerServer
@@ -25,6 +25,8 @@ from mcastdeploy.protocol.peering import NONCE_BYTES, BlocksRequested, PeerError
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
+#: Seconds a connection may take to show the session key (its hello).
+HELLO_TIMEOUT = 2.0
 
 
 class BlockServer:
@@ -111,59 +113,87 @@ class BlockServer:
             threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                              name="block-server-conn").start()
 
+    def _snapshot(self) -> Optional["_Image"]:
+        """What this connection serves, its own descriptor included, so that a later
+        ``serve`` or ``close`` never pulls a file from under a running answer (a closed
+        descriptor's number may already name another file)."""
+        with self._lock:
+            if self._fd is None or self._geometry is None:
+                return None
+            return _Image(os.dup(self._fd), self._geometry, self._held)
+
     def _serve_connection(self, conn: socket.socket) -> None:
-        geometry = self._geometry
-        assert geometry is not None
-        channel = PeerServer(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
-                             encrypt=self._encrypt, block_bytes=geometry.block_bytes)
-        conn.settimeout(self._idle_timeout)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        image = self._snapshot()
         try:
-            while not self._closed.is_set():
-                data = conn.recv(RECV_BYTES)
-                channel.receive_data(data)
-                if not data:
-                    return
-                while (event := channel.next_event()) is not None:
-                    if isinstance(event, BlocksRequested):
-                        self._answer(channel, geometry, event)
-                        conn.sendall(channel.data_to_send())
-                out = channel.data_to_send()
-                if out:
-                    conn.sendall(out)
+            if image is not None:
+                self._converse(conn, image)
         except (OSError, PeerError) as error:
             log.debug("peer connection ended: %s", error)
         finally:
+            if image is not None:
+                os.close(image.fd)
             with self._lock:
                 self._connections.discard(conn)
                 self.connections_served += 1
             conn.close()
 
-    def _answer(self, channel: PeerServer, geometry: ImageGeometry,
+    def _converse(self, conn: socket.socket, image: "_Image") -> None:
+        channel = PeerServer(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
+                             encrypt=self._encrypt, block_bytes=image.geometry.block_bytes)
+        # Until the peer has shown the key (its hello), a slot is held briefly: whoever
+        # can connect must not keep seeders busy for nobody.
+        conn.settimeout(min(HELLO_TIMEOUT, self._idle_timeout))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while not self._closed.is_set():
+            data = conn.recv(RECV_BYTES)
+            channel.receive_data(data)
+            if not data:
+                return
+            if channel.established:
+                conn.settimeout(self._idle_timeout)
+            while (event := channel.next_event()) is not None:
+                if isinstance(event, BlocksRequested):
+                    self._answer(conn, channel, image, event)
+            out = channel.data_to_send()
+            if out:
+                conn.sendall(out)
+
+    def _answer(self, conn: socket.socket, channel: PeerServer, image: "_Image",
                 request: BlocksRequested) -> None:
-        """BLOCK for each requested block we hold, NOT_HELD for the others."""
+        """BLOCK for each requested block we hold, NOT_HELD for the others; each block
+        leaves as soon as it is sealed, so a request never holds its blocks in memory."""
+        geometry = image.geometry
         missing_from: Optional[int] = None
         stop = request.first + request.count
         for block in range(request.first, stop):
-            held = block < geometry.block_count and (self._held is None or self._held[block])
+            held = block < geometry.block_count and (image.held is None or image.held[block])
             if held:
                 if missing_from is not None:
                     channel.send_not_held(missing_from, block - missing_from)
                     missing_from = None
-                data = self._read(geometry, block)
+                data = self._read(image, block)
                 channel.send_block(block, data)
+                conn.sendall(channel.data_to_send())
                 with self._lock:
                     self.bytes_served += len(data)
             elif missing_from is None:
                 missing_from = block
         if missing_from is not None:
             channel.send_not_held(missing_from, stop - missing_from)
+        conn.sendall(channel.data_to_send())
 
-    def _read(self, geometry: ImageGeometry, block: int) -> bytes:
-        fd = self._fd
-        assert fd is not None
+    def _read(self, image: "_Image", block: int) -> bytes:
+        geometry = image.geometry
         length = geometry.block_length(block)
-        data = os.pread(fd, length, geometry.offset(block))
+        data = os.pread(image.fd, length, geometry.offset(block))
         if len(data) != length:
             raise OSError(f"short read of block {block}")
         return data
+
+
+class _Image(NamedTuple):
+    """One connection's view of what is served: its own descriptor of the image."""
+
+    fd: int
+    geometry: ImageGeometry
+    held: Optional[bytearray]

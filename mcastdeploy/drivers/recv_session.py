@@ -264,6 +264,9 @@ def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
     loop.before_send = None
     loop.wakeup = None
     loop.run()
+    now = time.monotonic()
+    receiver.stop_seeding(now)  # no more stragglers listed to us
+    loop.send_pending(now)
 
 
 def _progress(receiver: Receiver, elapsed: float) -> RecvProgress:

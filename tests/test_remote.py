@@ -230,3 +230,14 @@ def test_a_missing_object_is_not_retried(tmp_path):
         with pytest.raises(FetchError, match="HTTP 404"):
             fetch([HttpRangeReader(server.url())], str(tmp_path / "image"))
     assert server.requests == 1
+
+
+def test_urls_are_shown_without_credentials_or_signatures():
+    from mcastdeploy.drivers.sources import display_url
+
+    assert display_url("https://user:pw@swift.example:8080/v1/AUTH_x/images/u.raw"
+                       "?temp_url_sig=5ecret&temp_url_expires=1") \
+        == "https://swift.example:8080/v1/AUTH_x/images/u.raw"
+    assert display_url("/srv/images/u.raw") == "/srv/images/u.raw"
+    assert display_url("ubuntu-22.04") == "ubuntu-22.04"
+    assert HttpRangeReader("http://a:b@h/x?sig=1").name == "http://h/x"

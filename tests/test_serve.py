@@ -414,7 +414,7 @@ def test_a_failed_session_leaves_the_daemon_serving_and_urls_are_pulled_once(tmp
         port = free_port()
         config = write_config(tmp_path, listen=f"127.0.0.1:{port}", interface="lo",
                               rate="200M", gather=0.5, linger=2.0, extra=f"""[images]
-gone = {store.url("/missing")}
+gone = {store.url("/missing")}?temp_url_sig=SIGSECRET&temp_url_expires=9
 remote = {store.url("/img")}
 """)
         daemon = Daemon(tmp_path, config, f"http://127.0.0.1:{port}")
@@ -425,6 +425,7 @@ remote = {store.url("/img")}
             failed = wait_for_ended(url, json.loads(body)["spec"]["session_id"])
             assert failed["state"] == "failed" and "404" in failed["reason"], failed
             assert "event=session_failed" in daemon.text()
+            assert "SIGSECRET" not in daemon.text() + json.dumps(failed)  # a temp URL's
 
             for run in range(2):
                 spec_path = tmp_path / f"remote{run}.json"

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from mcastdeploy.drivers.event_loop import Wakeup
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
+from mcastdeploy.drivers.sources import display_url
 from mcastdeploy.drivers.sources.cache import CachedImage, ImageCache
 from mcastdeploy.drivers.sources.reader import RangeReader
 
@@ -86,12 +87,13 @@ class GrowingImage:
         """Until the first bytes are hashed or the download ended; TimeoutError past
         ``timeout`` (a source that answers but sends nothing)."""
         if not self._news.wait(timeout):
-            raise TimeoutError(f"no byte of {self._key} arrived within {timeout:g} s")
+            raise TimeoutError(f"no byte of {display_url(self._key)} arrived within {timeout:g} s")
 
     def wait_finished(self, timeout: float) -> None:
         """Until the download ended (either way); TimeoutError past ``timeout``."""
         if not self._finish_within(timeout):
-            raise TimeoutError(f"the download of {self._key} did not end within {timeout:g} s")
+            raise TimeoutError(f"the download of {display_url(self._key)} did not end "
+                               f"within {timeout:g} s")
 
     @property
     def finished(self) -> bool:

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mcastdeploy.drivers.sources import ImageCache, is_remote
+from mcastdeploy.drivers.sources import ImageCache, display_url, is_remote
 from mcastdeploy.service import groups
 from mcastdeploy.service.config import ServeConfig
 from mcastdeploy.service.events import log_event
@@ -95,14 +95,14 @@ class Daemon:
             for record in records:
                 waiting = sum(1 for agent in record.agents if not agent.done)
                 if not waiting:  # every agent had its image before the restart
-                    log_event("session_dropped", record.session_id, image=record.image,
-                              reason="every agent was done")
+                    log_event("session_dropped", record.session_id,
+                              image=display_url(record.image), reason="every agent was done")
                     continue
                 try:
                     source = self.resolve(record.image)
                 except RequestError as error:
-                    log_event("session_dropped", record.session_id, image=record.image,
-                              reason=str(error))
+                    log_event("session_dropped", record.session_id,
+                              image=display_url(record.image), reason=str(error))
                     continue
                 # The agents still waiting are the ones the new sender waits for.
                 live = LiveSession(record, source,
@@ -111,9 +111,9 @@ class Daemon:
             self._persist()
             self._reshare()
             for live in self.sessions.values():
-                log_event("session_resumed", live.record.session_id, image=live.record.image,
-                          group=live.record.spec.group, agents=len(live.record.agents),
-                          waiting=live.control.agents)
+                log_event("session_resumed", live.record.session_id,
+                          image=display_url(live.record.image), group=live.record.spec.group,
+                          agents=len(live.record.agents), waiting=live.control.agents)
                 self._launch(live)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -201,7 +201,7 @@ class Daemon:
         record.agents.append(AgentRecord(name, address, time.time()))
         self._persist()
         log_event("agent_joined", record.session_id, agent=name, address=address,
-                  image=record.image, agents=len(record.agents))
+                  image=display_url(record.image), agents=len(record.agents))
         return True
 
     def _open(self, image: str, source: ImageSource, name: str, address: str,
@@ -222,7 +222,7 @@ class Daemon:
         self.sessions[spec.session_id] = live
         self._persist()
         self._reshare()
-        log_event("session_opened", spec.session_id, image=image, group=group,
+        log_event("session_opened", spec.session_id, image=display_url(image), group=group,
                   port=spec.port, agent=name, address=address,
                   rate_bps=live.control.rate_bps)
         self._launch(live)
@@ -265,12 +265,12 @@ class Daemon:
             error = f"{type(failure).__name__}: {failure}"
         # Logged before status shows it ended: whoever sees the end there finds the line.
         if summary is not None:
-            log_event("session_ended", session_id, image=record.image, ok=summary.ok,
+            log_event("session_ended", session_id, image=display_url(record.image), ok=summary.ok,
                       reason=summary.reason, agents_done=summary.receivers_done,
                       agents=summary.receivers, bytes_sent=summary.bytes_sent,
                       repairs_sent=summary.repairs_sent, seconds=round(summary.seconds, 3))
         else:
-            log_event("session_failed", session_id, image=record.image, reason=error)
+            log_event("session_failed", session_id, image=display_url(record.image), reason=error)
         self._ended(live, summary, error)
 
     def _ended(self, live: LiveSession, summary: Any, error: Optional[str]) -> None:
@@ -298,7 +298,14 @@ class Daemon:
             self._reshare()
 
     def _persist(self) -> None:
-        self.table.save([live.record for live in self.sessions.values()])
+        """Save the session table, best effort: it only lets a restart resume, and a full
+        or read-only disk must not break sessions in flight (this may run on a session's
+        own loop thread) or leave a session opened but never launched."""
+        try:
+            self.table.save([live.record for live in self.sessions.values()])
+        except OSError as error:
+            log_event("table_write_failed", path=self.table.path,
+                      error=error.strerror or str(error))
 
     def _reshare(self) -> None:
         ceilings = {session_id: self.config.session_rate_bps for session_id in self.sessions}
@@ -338,8 +345,8 @@ class Daemon:
             row.pop("first_seen", None)
         spec = record.spec
         return {
-            "session_id": record.session_id, "image": record.image, "group": spec.group,
-            "port": spec.port, "state": snap.get("state", "fetching"),
+            "session_id": record.session_id, "image": display_url(record.image),
+            "group": spec.group, "port": spec.port, "state": snap.get("state", "fetching"),
             "resumed": live.resumed, "age": time.time() - record.created_at,
             "rate_bps": snap["rate_bps"], "bytes_total": snap.get("bytes_total", 0),
             "bytes_done": snap.get("bytes_done", 0), "bytes_sent": snap.get("bytes_sent", 0),

@@ -21,12 +21,12 @@ from mcastdeploy.drivers.sources.errors import (CacheError, ChecksumMismatch, Fe
                                                 ReadError)
 from mcastdeploy.drivers.sources.fetch import DEFAULT_RANGE_BYTES, FetchResult, fetch
 from mcastdeploy.drivers.sources.http_reader import HttpRangeReader
-from mcastdeploy.drivers.sources.reader import RangeReader
+from mcastdeploy.drivers.sources.reader import RangeReader, display_url
 from mcastdeploy.drivers.sources.retry import RetryPolicy
 
 __all__ = ["CacheError", "CachedImage", "ChecksumMismatch", "DEFAULT_RANGE_BYTES",
            "FetchError", "FetchResult", "HttpRangeReader", "ImageCache", "RangeReader",
-           "ReadError", "RetryPolicy", "fetch", "is_remote", "readers_for"]
+           "ReadError", "RetryPolicy", "display_url", "fetch", "is_remote", "readers_for"]
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -54,8 +54,8 @@ def readers_for(urls: Sequence[str], *, timeout: float = 30.0,
             else:
                 raise ValueError("only http://, https:// and swift:// URLs are supported")
         except ValueError as error:
-            raise SourceError(f"cannot read image {url}: {error}") from None
+            raise SourceError(f"cannot read image {display_url(url)}: {error}") from None
         except ImportError as error:
-            raise SourceError(f"cannot read image {url}: {error.name} is not installed "
-                              "(pip install python-swiftclient)") from None
+            raise SourceError(f"cannot read image {display_url(url)}: {error.name} is not "
+                              "installed (pip install python-swiftclient)") from None
     return readers

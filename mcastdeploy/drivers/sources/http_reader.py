@@ -18,7 +18,7 @@ import urllib.parse
 from typing import Iterator, Mapping, Optional
 
 from mcastdeploy.drivers.sources.errors import ReadError
-from mcastdeploy.drivers.sources.reader import read_exactly
+from mcastdeploy.drivers.sources.reader import display_url, read_exactly
 
 __all__ = ["HttpRangeReader"]
 
@@ -44,9 +44,8 @@ class HttpRangeReader:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
         self.url = url
-        host = parts.netloc.rpartition("@")[2]
         # Query strings often carry signatures (temp URLs): keep them out of messages.
-        self.name = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+        self.name = display_url(url)
         self.timeout = timeout
         self._https = parts.scheme == "https"
         self._host = parts.hostname

@@ -8,6 +8,8 @@ so the fetch and the cache never learn where bytes come from.
 
 from __future__ import annotations
 
+import urllib.parse
+
 from typing import Callable, Iterator, Optional, Protocol
 
 from mcastdeploy.drivers.sources.errors import ReadError
@@ -64,3 +66,13 @@ def read_exactly(read: Callable[[int], bytes], length: int, *, name: str, what: 
             raise ReadError(f"{name}: connection closed {remaining} bytes short of {what}")
         remaining -= len(chunk)
         yield chunk
+
+
+def display_url(image: str) -> str:
+    """``image`` as it may be shown (logs, status, errors): a URL without its user info
+    and query, which often carry credentials or a temp URL's signature."""
+    parts = urllib.parse.urlsplit(image)
+    if not parts.scheme or not parts.netloc:
+        return image  # a local path
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))

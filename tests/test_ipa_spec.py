@@ -213,3 +213,22 @@ def test_a_rack_head_that_refuses_is_a_spec_error(monkeypatch):
     ironic = IronicSpec.from_value({"rack_head": "https://head", "token": "t"})
     with pytest.raises(SpecError, match="404"):
         ironic.session_for({"id": "x"}, {"uuid": "n"})
+
+
+def test_a_replaced_receive_has_let_go_of_the_disk_before_the_next_starts(tmp_path):
+    """Two receives (or a receive and IPA's download) must never write one disk: the
+    job replaced is stopped, not only told to stop."""
+    from mcastdeploy.ipa import job as ipa_job
+
+    session = new_session(interface="lo")
+    ironic = IronicSpec(session, timeout=30, deadline=60)
+    first = ReceiveJob(ironic, session, lambda: str(tmp_path / "disk"))
+    ipa_job.replace_current_job(first)
+    first.start()
+    second = ReceiveJob(ironic, session, lambda: str(tmp_path / "disk"))
+    try:
+        ipa_job.replace_current_job(second)
+        assert first.finished and "cancelled" in first.outcome.reason
+        assert ipa_job.current_job() is second
+    finally:
+        ipa_job.replace_current_job(None)

@@ -15,11 +15,21 @@ from typing import Callable, Optional, Sequence
 
 from mcastdeploy.drivers.recv_session import RecvProgress, RecvSummary, run_recv
 from mcastdeploy.ipa.ironic_spec import IronicSpec
-from mcastdeploy.spec import SessionSpec
+from mcastdeploy.drivers.sources import FetchError
+from mcastdeploy.spec import SessionSpec, SpecError
 
 LOG = logging.getLogger(__name__)
 #: Seconds between progress lines in the agent's log.
 LOG_INTERVAL = 10.0
+
+
+#: Seconds a cancelled receive may take to let go of the device (it notices the cancel at
+#: its next progress report, a fraction of a second).
+STOP_TIMEOUT = 30.0
+
+
+class JobStillRunning(RuntimeError):
+    """A receive that was told to stop still runs: nothing else may write its device."""
 
 
 class JobStopped(Exception):
@@ -84,6 +94,14 @@ class ReceiveJob:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Cancel and wait (bounded) until the receive has let go of the device: nothing
+        else may write to it before.  Whether it did."""
+        self.cancel()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             self._set_state("finding the install device")
@@ -98,6 +116,9 @@ class ReceiveJob:
             outcome = JobOutcome(summary.ok, summary.reason, summary)
         except JobStopped as stop:
             outcome = JobOutcome(False, str(stop))
+        except (OSError, SpecError, FetchError) as error:  # one-line reasons of their own
+            LOG.warning("mcastdeploy: the multicast receive failed: %s", error)
+            outcome = JobOutcome(False, str(error))
         except Exception as error:  # every failure of this path means: IPA downloads
             LOG.exception("mcastdeploy: the multicast receive failed")
             outcome = JobOutcome(False, f"{type(error).__name__}: {error}")
@@ -170,9 +191,11 @@ def current_job() -> Optional[ReceiveJob]:
 
 
 def replace_current_job(job: Optional[ReceiveJob]) -> None:
-    """Make ``job`` the agent's job; a running one it replaces is cancelled."""
+    """Make ``job`` the agent's job; a running one it replaces is stopped first, so that
+    two receives never write one disk.  Raises JobStillRunning if it does not stop."""
     global _current
     with _current_lock:
         previous, _current = _current, job
-    if previous is not None and previous is not job:
-        previous.cancel()
+    if previous is not None and previous is not job and not previous.stop():
+        raise JobStillRunning("the earlier receive did not stop; the install device is "
+                              "still being written")

@@ -33,7 +33,7 @@ from oslo_log import log
 from mcastdeploy.ipa.checksum import (ChecksumError, check_written, ironic_checksum, is_raw,
                                       pin_session)
 from mcastdeploy.ipa.ironic_spec import IronicSpec, find_ironic_spec
-from mcastdeploy.ipa.job import ReceiveJob, current_job, replace_current_job
+from mcastdeploy.ipa.job import JobStillRunning, ReceiveJob, current_job, replace_current_job
 from mcastdeploy.spec import SessionSpec, SpecError
 
 CONF = cfg.CONF
@@ -68,15 +68,21 @@ class MulticastHardwareManager(hardware.HardwareManager):
             raise errors.IncompatibleHardwareMethodError()  # not ours: IPA's path
         if image_info.get("image_type") == "partition":
             _decline("partition images are left to IPA (whole-disk images only)")
+        device = hardware.dispatch_to_managers("get_os_install_device", permit_refresh=True)
         try:
             checksum = ironic_checksum(image_info, md5_allowed=CONF.md5_enabled)
             raw = is_raw(image_info)
-            session = pin_session(ironic.session_for(image_info, node), checksum, raw)
+            # A rack head is asked once: the session of a receive begun at lookup is the
+            # one to finish (asking again could open a second session, once that one is
+            # over, and receive the image twice).
+            early = _early_job(device)
+            asked = early.session if early is not None and ironic.rack_head else \
+                ironic.session_for(image_info, node)
+            session = pin_session(asked, checksum, raw)
         except ChecksumError as error:
             _decline(str(error))
         except SpecError as error:  # the rack head could not be asked, or refused
             _decline(f"no session for the image: {error}")
-        device = hardware.dispatch_to_managers("get_os_install_device", permit_refresh=True)
         # Ironic's own URLs of a raw image: what a straggler fetches when neither peers
         # nor the rack head's block server can serve (IPA's download, block by block).
         origin = [url for url in image_info.get("urls") or ()
@@ -85,7 +91,9 @@ class MulticastHardwareManager(hardware.HardwareManager):
         job = _job_for(ironic, session, device, node.get("uuid"), origin)
         outcome = job.wait(ironic.deadline + WAIT_MARGIN)
         if outcome is None:
-            job.cancel()
+            if not job.stop():  # IPA's download must not write beside it
+                raise errors.DeploymentError("mcastdeploy: the receive overran its deadline "
+                                             "and did not stop")
             _decline("the receive overran its deadline")
         if not outcome.ok or outcome.summary is None:
             _decline(f"the multicast receive failed: {outcome.reason}")
@@ -153,17 +161,26 @@ def _job_for(ironic: IronicSpec, session: SessionSpec, device: str,
              node_uuid: Optional[str], origin: list[str]) -> ReceiveJob:
     """The early job for this session and device if there is one that has not failed;
     else a new one (the sender may have come up since lookup)."""
-    early = current_job()
-    if early is not None and early.early and \
-            early.session.session_id == session.session_id and \
-            early.device in (None, device) and \
-            not (early.finished and not (early.outcome and early.outcome.ok)):
+    early = _early_job(device)
+    if early is not None and early.session.session_id == session.session_id:
         LOG.info("mcastdeploy: the deploy step waits for the receive started at lookup")
         return early
     job = ReceiveJob(ironic, session, lambda: device, _device_preparer(node_uuid),
                      origin=origin)
-    replace_current_job(job)
+    try:
+        replace_current_job(job)
+    except JobStillRunning as error:  # neither a second receive nor IPA's download now
+        raise errors.DeploymentError(f"mcastdeploy: {error}") from None
     return job.start()
+
+
+def _early_job(device: str) -> Optional[ReceiveJob]:
+    """The receive begun at lookup, if it is for ``device`` and has not failed."""
+    early = current_job()
+    if early is not None and early.early and early.device in (None, device) and \
+            not (early.finished and not (early.outcome and early.outcome.ok)):
+        return early
+    return None
 
 
 def _device_preparer(node_uuid: Optional[str]) -> Callable[[str], None]:

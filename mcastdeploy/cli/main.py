@@ -227,7 +227,8 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
             raise CommandError("--qcow2 says what --sha256 pins: give both")
         spec = _from_rack_head(rack_head, image, agent, token_file, pin_sha256,
                                "qcow2" if pin_qcow2 else None, group, port, rate, ttl,
-                               symbol_size, block_symbols, proactive_repair, encrypt)
+                               symbol_size, block_symbols, proactive_repair, encrypt,
+                               sender)
         if interface is not None:  # the agent's interface, where it differs from the head's
             resolve_interface(interface)
             spec = spec.replace(interface=interface)

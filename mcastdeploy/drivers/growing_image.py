@@ -49,6 +49,7 @@ class GrowingImage:
         self._cached: Optional[CachedImage] = None
         self._error: Optional[BaseException] = None
         self._done = False
+        self._closed = False
         self._began = 0.0
         #: Seconds the download took (None until it ended; ~0 for a cache hit).
         self.fetch_seconds: Optional[float] = None
@@ -65,9 +66,12 @@ class GrowingImage:
         else:
             outcome = (cached, None)
         with self._lock:
-            self._cached, self._error = outcome
+            abandoned = self._cancel.is_set() and self._closed
+            self._cached, self._error = (None, outcome[1]) if abandoned else outcome
             self._done = True
             self.fetch_seconds = time.monotonic() - self._began
+        if abandoned and outcome[0] is not None:
+            outcome[0].close()  # close() gave up waiting: release the entry's lock here
         self._news.set()
         self.wakeup.wake()
 
@@ -162,6 +166,7 @@ class GrowingImage:
         if self._thread.is_alive():
             self._thread.join(_JOIN_TIMEOUT)
         with self._lock:
+            self._closed = True  # a download ending later releases its own entry
             cached, self._cached = self._cached, None
         if cached is not None:
             cached.close()

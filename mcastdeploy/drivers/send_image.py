@@ -16,7 +16,7 @@ from mcastdeploy.drivers.growing_image import GrowingImage
 from mcastdeploy.drivers.send_session import (SendHooks, SendProgress, SendSummary,
                                               run_send, run_send_download)
 from mcastdeploy.drivers.sources import ImageCache, is_remote, readers_for
-from mcastdeploy.drivers.sources.qcow2 import QCOW2_MAGIC, sendable
+from mcastdeploy.drivers.sources.qcow2 import is_qcow2, sendable
 from mcastdeploy.spec import SessionSpec
 
 #: Past the cache's own lock wait (another sender fetching the same image), how long the
@@ -66,12 +66,12 @@ def send_image(spec: SessionSpec, image: str, *, copies: Sequence[str] = (),
 
 
 def _maybe_qcow2(spec: SessionSpec, download: GrowingImage) -> bool:
-    """The image may be qcow2 (pinned so, or its first bytes say so): it cannot be sent
-    before the whole file is converted."""
+    """The image may be qcow2 (pinned so, or its first bytes say so: the download has
+    hashed at least a chunk of them): it cannot be sent before it is converted whole."""
     if spec.image_format == "qcow2":
         return True
     image = download.open()
     try:
-        return image.read(0, min(len(QCOW2_MAGIC), image.size)) == QCOW2_MAGIC
+        return is_qcow2(image.path)
     finally:
         image.close()

@@ -73,10 +73,7 @@ def _zeros(length: int) -> bytes:
 def _write_zeros(fd: int, offset: int, length: int) -> None:
     step = 1 << 20
     for start in range(offset, offset + length, step):
-        data = _zeros(min(step, offset + length - start))
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], start + done)
+        _pwrite_all(fd, memoryview(_zeros(min(step, offset + length - start))), start)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -93,10 +90,7 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
 
 def _zero_device(fd: int, offset: int, length: int) -> None:
     """BLKZEROOUT on the sector-aligned middle of the range, written zeros at its edges."""
-    try:
-        sector = struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
-    except OSError:
-        sector = 0
+    sector = _sector_size(fd, default=0)
     start = -(-offset // sector) * sector if sector else offset
     stop = (offset + length) // sector * sector if sector else offset
     if sector and stop > start:
@@ -112,11 +106,12 @@ def _zero_device(fd: int, offset: int, length: int) -> None:
         _write_zeros(fd, max(stop, offset), offset + length - max(stop, offset))
 
 
-def _sector_size(fd: int) -> int:
+def _sector_size(fd: int, default: int = 512) -> int:
+    """The device's logical sector size; ``default`` where it has none (a file)."""
     try:
         return struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
     except OSError:
-        return 512
+        return default
 
 
 class DirectWriter:
@@ -141,8 +136,9 @@ class DirectWriter:
         except OSError as error:
             if error.errno == errno.EINVAL:
                 raise TargetError(f"target {path} does not support direct I/O (O_DIRECT): "
-                                  "its file system cannot, write without it") from None
+                                  "its file system cannot; receive without --direct") from None
             raise TargetError(f"cannot open target {path}: {error.strerror}") from None
+        self.path = path
         self._buffered_fd = buffered_fd
         self.unit = max(mmap.PAGESIZE, _sector_size(self._fd))
         self._buffer: Optional[mmap.mmap] = None
@@ -158,7 +154,9 @@ class DirectWriter:
         middle = end_aligned - start_aligned
         buffer = self._room(middle)
         buffer[:middle] = view[start_aligned - offset:end_aligned - offset]
-        _pwrite_all(self._fd, memoryview(buffer)[:middle], start_aligned)
+        # One write: a short one would leave an unaligned rest that O_DIRECT refuses.
+        if os.pwrite(self._fd, memoryview(buffer)[:middle], start_aligned) != middle:
+            raise TargetError(f"short direct write to {self.path} at {start_aligned}")
         self.bytes_direct += middle
         if start_aligned > offset:
             _pwrite_all(self._buffered_fd, view[:start_aligned - offset], offset)

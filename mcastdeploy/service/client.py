@@ -88,7 +88,3 @@ def fetch_status(rack_head: str, token: str) -> dict:
     if not isinstance(data, dict) or "sessions" not in data:
         raise ClientError(f"rack head {rack_head} answered a bad status")
     return data
-
-
-def fetch_metrics(rack_head: str, token: str) -> str:
-    return call(rack_head, token, "GET", "/metrics")[1].decode()

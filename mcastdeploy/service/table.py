@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from mcastdeploy.spec import SessionSpec, SpecError
 
@@ -100,7 +99,3 @@ class SessionTable:
             if os.path.exists(temporary):
                 os.unlink(temporary)
             raise
-
-
-def find(records: list[SessionRecord], session_id: str) -> Optional[SessionRecord]:
-    return next((r for r in records if r.session_id == session_id), None)

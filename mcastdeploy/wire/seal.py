@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mcastdeploy.wire.packets import HEADER, HEADER_SIZE, WireError
+from mcastdeploy.wire.packets import HEADER_SIZE, WireError
 
 KEY_BYTES = 32
 COUNTER = struct.Struct("!Q")

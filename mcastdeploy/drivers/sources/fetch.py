@@ -69,6 +69,27 @@ class _Stopped(Exception):
     """Another connection failed for good; this one abandons its range."""
 
 
+class _Stop:
+    """When the fetch's connections stop: on its own stop (the end, or a failure), or on
+    the caller's ``cancel``, which the fetch only reads (the caller may fetch again)."""
+
+    def __init__(self, cancel: Optional[threading.Event]) -> None:
+        self._own = threading.Event()
+        self._cancel = cancel
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._own.wait(min(left, 0.1))
+        return self.is_set()
+
+
 def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 4,
           range_bytes: int = DEFAULT_RANGE_BYTES, expected_sha256: Optional[str] = None,
           retry: Optional[RetryPolicy] = None,
@@ -90,17 +111,19 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
     sender may multicast that prefix while the rest is still arriving.
 
     Setting ``cancel`` (from any thread) stops the fetch within about a second: it raises
-    FetchError and keeps the ``.part`` to resume. The fetch sets it too when it ends, to
-    stop its own connections.
+    FetchError and keeps the ``.part`` to resume.
     """
     if connections < 1 or range_bytes < 1:
         raise ValueError("connections and range_bytes must be positive")
     started = time.monotonic()
     expected = expected_sha256.lower() if expected_sha256 else None
-    stop = cancel if cancel is not None else threading.Event()
+    stop = _Stop(cancel)
     copies = _Copies(readers, retry or RetryPolicy(), expected is not None,
                      rng or random.Random())
-    copies.attempt(lambda reader: None, "the image's size", stop)  # describes a live copy
+    try:
+        copies.attempt(lambda reader: None, "the image's size", stop)  # a live copy
+    except _Stopped:
+        raise FetchError(f"the fetch of {copies.name} was cancelled") from None
     size, etag = copies.size, copies.etag
     assert size is not None
     if reserve is not None:
@@ -179,7 +202,7 @@ class _Copies:
         self.retries = 0
 
     def attempt(self, operation: Callable[[RangeReader], T], what: str,
-                stop: threading.Event) -> T:
+                stop: "_Stop") -> T:
         """Run ``operation`` on the current copy until it succeeds, within the policy."""
         attempts = 0
         first_failure: Optional[float] = None
@@ -320,7 +343,7 @@ class _Transfer:
     """The ranges still missing, the connections fetching them, and the in-order digest."""
 
     def __init__(self, fd: int, part: str, size: int, range_bytes: int, copies: _Copies,
-                 log: _RangeLog, done: set, stop: threading.Event,
+                 log: _RangeLog, done: set, stop: _Stop,
                  on_hashed: Optional[Callable[[int], None]] = None) -> None:
         self._fd = fd
         self._on_hashed = on_hashed

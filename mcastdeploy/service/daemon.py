@@ -32,6 +32,8 @@ from mcastdeploy.spec import IMAGE_FORMATS, SessionSpec, new_session
 
 #: Finished sessions kept for ``status`` (with their agents' last reports).
 RECENT = 32
+#: Seconds between saves of agents' done marks (sessions opened or ended are saved at once).
+TABLE_SAVE_INTERVAL = 1.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -84,12 +86,19 @@ class Daemon:
         self.recent: deque[dict] = deque(maxlen=RECENT)
         self.totals = Totals()
         self._closing = False
+        #: Agents' done marks not saved yet: a thousand agents finishing must not mean a
+        #: thousand fsyncs under the lock, on the senders' loop threads.
+        self._table_dirty = False
+        self._closed = threading.Event()
+        self._table_writer = threading.Thread(target=self._save_marks, daemon=True,
+                                              name="session-table")
 
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Prepare the state directory and resume the sessions the table holds."""
         self.table.prepare()
+        self._table_writer.start()
         records = self.table.load()
         with self.lock:
             for record in records:
@@ -127,6 +136,17 @@ class Daemon:
         for live in sessions:
             if live.thread is not None:
                 live.thread.join(max(0.0, deadline - time.monotonic()))
+        self._closed.set()
+        with self.lock:
+            if self._table_dirty:
+                self._persist()
+
+    def _save_marks(self) -> None:
+        """Save agents' done marks at most every TABLE_SAVE_INTERVAL seconds."""
+        while not self._closed.wait(TABLE_SAVE_INTERVAL):
+            with self.lock:
+                if self._table_dirty:
+                    self._persist()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -244,7 +264,7 @@ class Daemon:
                 return  # a receiver nobody asked for here, or all there are done
             agent.done = True
             if record.session_id in self.sessions:
-                self._persist()
+                self._table_dirty = True  # saved within TABLE_SAVE_INTERVAL
 
     def _launch(self, live: LiveSession) -> None:
         live.gather_until = time.monotonic() + self.config.gather
@@ -301,6 +321,7 @@ class Daemon:
         """Save the session table, best effort: it only lets a restart resume, and a full
         or read-only disk must not break sessions in flight (this may run on a session's
         own loop thread) or leave a session opened but never launched."""
+        self._table_dirty = False
         try:
             self.table.save([live.record for live in self.sessions.values()])
         except OSError as error:

@@ -12,7 +12,8 @@ from mcastdeploy.drivers.growing_image import GrowingImage
 from mcastdeploy.drivers.image_source import LocalImage, SourceError
 from mcastdeploy.drivers.memory import peak_rss_mb
 from mcastdeploy.drivers.peer_server import BlockServer
-from mcastdeploy.drivers.udp import check_group, open_sender_socket, resolve_interface
+from mcastdeploy.drivers.udp import (Interface, check_group, open_sender_socket,
+                                     resolve_interface)
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.intake import rejected
@@ -119,20 +120,15 @@ def run_send(spec: SessionSpec, image_path: str, *, min_receivers: int = 0,
     """
     options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
     started = time.monotonic() if started is None else started
-    check_group(spec.group)
-    interface = resolve_interface(spec.interface)
+    interface = _interface(spec)
     image = LocalImage(image_path)
     try:
         geometry = _geometry(spec, image.size, image_path)
         checksum, block_hashes = image.digests(geometry.block_bytes)
         if spec.disk_checksum is not None and checksum != spec.disk_checksum:
             raise SourceError(f"image {image_path} does not match the session's sha256")
-        sock = open_sender_socket(interface, spec.ttl, _sender_port(spec))
-        try:
-            return _run(spec, image, checksum, SenderManifest(block_hashes), sock, options,
-                        started)
-        finally:
-            sock.close()
+        return _send(spec, interface, image, checksum, SenderManifest(block_hashes), options,
+                     started)
     finally:
         image.close()
 
@@ -151,25 +147,45 @@ def run_send_download(spec: SessionSpec, download: GrowingImage, *, min_receiver
     """
     options = SendOptions(min_receivers, wait, linger, on_progress, hooks or SendHooks())
     started = time.monotonic() if started is None else started
-    check_group(spec.group)
-    interface = resolve_interface(spec.interface)
+    interface = _interface(spec)
     image = download.open()
     try:
         geometry = _geometry(spec, image.size, image.path)
         manifest = SenderManifest(block_count=geometry.block_count)
-        sock = open_sender_socket(interface, spec.ttl, _sender_port(spec))
-        try:
-            feed = _DownloadFeed(download, image, geometry, manifest)
-            summary = _run(spec, image, spec.disk_checksum, manifest, sock, options, started,
-                           feed=feed, wakeup=download.wakeup)
-        finally:
-            sock.close()
+        feed = _DownloadFeed(download, image, geometry, manifest)
+        summary = _send(spec, interface, image, spec.disk_checksum, manifest, options,
+                        started, feed=feed, wakeup=download.wakeup)
     finally:
         image.close()
     if feed.failure is not None:
         summary.ok = False
         summary.reason = feed.failure
     return summary
+
+
+def _interface(spec: SessionSpec) -> Interface:
+    """The spec's network settings, checked before the image is read (bad input first)."""
+    check_group(spec.group)
+    return resolve_interface(spec.interface)
+
+
+def _send(spec: SessionSpec, interface: Interface, image: LocalImage, checksum: Optional[bytes],
+          manifest: SenderManifest, options: SendOptions, started: float, *,
+          feed: Optional[Callable[[Sender, float], None]] = None,
+          wakeup: Optional[Wakeup] = None) -> SendSummary:
+    """One run of the Sender on its socket, beside the block server that is stragglers'
+    last resort (docs/peers.rst)."""
+    sock = open_sender_socket(interface, spec.ttl, _sender_port(spec))
+    try:
+        with BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
+                         host=sock.getsockname()[0]) as source:
+            summary = _run(spec, image, checksum, manifest, sock, options, started, feed,
+                           wakeup, source)
+            summary.source_bytes_served = source.bytes_served
+            summary.bytes_to_stragglers += source.bytes_served
+            return summary
+    finally:
+        sock.close()
 
 
 def _sender_port(spec: SessionSpec) -> int:
@@ -233,24 +249,9 @@ class _DownloadFeed:
 
 
 def _run(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
-         manifest: SenderManifest, sock, options: SendOptions, started: float, *,
-         feed: Optional[Callable[[Sender, float], None]] = None,
-         wakeup: Optional[Wakeup] = None) -> SendSummary:
-    reply_host = sock.getsockname()[0]
-    # The last resort for stragglers no peer can serve: the image, from here (docs/peers.rst).
-    with BlockServer(spec.key_bytes, spec.session_number, encrypt=spec.encrypt,
-                     host=reply_host) as source:
-        summary = _run_with(spec, image, checksum, manifest, sock, options, started, feed,
-                            wakeup, source)
-        summary.source_bytes_served = source.bytes_served
-        summary.bytes_to_stragglers += source.bytes_served
-        return summary
-
-
-def _run_with(spec: SessionSpec, image: LocalImage, checksum: Optional[bytes],
-              manifest: SenderManifest, sock, options: SendOptions, started: float,
-              feed: Optional[Callable[[Sender, float], None]], wakeup: Optional[Wakeup],
-              source: BlockServer) -> SendSummary:
+         manifest: SenderManifest, sock, options: SendOptions, started: float,
+         feed: Optional[Callable[[Sender, float], None]], wakeup: Optional[Wakeup],
+         source: BlockServer) -> SendSummary:
     hooks = options.hooks
     reply_host, reply_port = sock.getsockname()[:2]
     config = SenderConfig(

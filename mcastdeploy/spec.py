@@ -99,7 +99,8 @@ class SessionSpec:
     group: str
     #: The session secret, 64 hex digits: every packet is authenticated with a key derived
     #: from it (wire/seal.py).  Whoever holds the spec can join the session, or forge it.
-    key: str
+    #: Kept out of repr: a spec logged or in a traceback must not leak it.
+    key: str = dataclasses.field(repr=False)
     port: int = DEFAULT_PORT
     interface: Optional[str] = None
     ttl: int = 1

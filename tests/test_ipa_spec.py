@@ -67,6 +67,10 @@ def test_where_the_agent_finds_the_spec():
     assert find_ironic_spec({"uuid": "u", "instance_info": {}, "driver_internal_info": {}},
                             {"id": "image"}) is None
     assert find_ironic_spec(None, {}) is None
+    asking = find_ironic_spec({"uuid": "u", "instance_info": {"mcastdeploy": {
+        "rack_head": "http://10.0.0.1:6780", "token": "s3cret-token"}}}, None)
+    assert asking.token == "s3cret-token" and "s3cret-token" not in repr(asking)
+    assert first["session"]["key"] not in repr(find_ironic_spec(node, {"mcastdeploy": first}))
 
 
 def test_ironic_checksums_as_ipa_reads_them():

@@ -43,6 +43,8 @@ def test_new_session_defaults_and_fresh_ids():
     assert first.session_id != second.session_id
     assert first.group.startswith("239.19") and first.port == 6790
     assert len(first.session_id) == 16 and int(first.session_id, 16) == first.session_number
+    # A spec that ends up in a log line or a traceback does not give its key away.
+    assert first.key not in repr(first) and first.session_id in repr(first)
 
 
 def test_round_trip_and_private_file(tmp_path):

@@ -51,7 +51,7 @@ class IronicSpec:
     #: A rack-head service to ask for the session (instead of ``session``), its API token,
     #: and the image's name there (None: the Glance image's id).
     rack_head: Optional[str] = None
-    token: Optional[str] = None
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
     image: Optional[str] = None
 
     def __post_init__(self) -> None:

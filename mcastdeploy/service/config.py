@@ -57,7 +57,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    token: str
+    token: str = field(repr=False)  # secrets stay out of logs and tracebacks
     listen: tuple[str, int] = DEFAULT_LISTEN
     interface: Optional[str] = None
     groups: ipaddress.IPv4Network = ipaddress.IPv4Network("239.192.0.0/14")
@@ -87,7 +87,7 @@ class ServeConfig:
     #: Agents may ask for any http(s):// or swift:// URL (else only named images).
     allow_urls: bool = False
     #: ST_* / OS_* settings for swift:// sources, as the swift command line reads them.
-    swift_environ: dict[str, str] = field(default_factory=dict)
+    swift_environ: dict[str, str] = field(default_factory=dict, repr=False)
     #: PEM certificate (chain) and key: the API speaks HTTPS (None: plain HTTP).
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None

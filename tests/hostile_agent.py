@@ -170,8 +170,9 @@ class Attacker:
             h(t.NACK) + ECHO.pack(0, 0) + NACK_COUNT.pack(5) + NACK_ENTRY.pack(0, 1),
             h(t.NACK) + ECHO.pack(0, 0) + NACK_COUNT.pack(1) + NACK_ENTRY.pack(0, 0),
             h(t.NACK) + b"\0" * 5,
-            h(t.STATUS) + wire.Status.BODY.pack(9, 0, 0, 1, 0, 0, 0, 0, 0, 0),  # unknown state
-            h(t.STATUS) + wire.Status.BODY.pack(1, 0, 5, 1, 0, 0, 0, 0, 0, 0),  # done > count
+            h(t.STATUS) + wire.Status.BODY.pack(9, 0, 0, 1, *(0,) * 10),  # unknown state
+            h(t.STATUS) + wire.Status.BODY.pack(1, 0, 5, 1, *(0,) * 10),  # done > count
+            h(t.STATUS) + wire.Status.BODY.pack(1, 0, 1, 1, *(0,) * 6, 1, 0, 0, 1),  # split > done
             h(t.PEER_REQUEST) + wire.PeerRequest.BODY.pack(1, 40) + bytes(160),  # too many
             h(t.PEERS) + bytes(2) + b"\x01" + bytes([239, 1, 1, 1]) + bytes(6),  # a group as peer
             h(t.END) + b"\0" * 5,

@@ -17,7 +17,7 @@ from mcastdeploy.protocol.manifest import SenderManifest, block_hash
 from mcastdeploy.protocol.peering import (FRAME_HEAD, MAX_REQUEST_BLOCKS, BlockReceived,
                                           BlocksRequested, NotHeld, PeerClient, PeerError,
                                           PeerServer)
-from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
+from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase, UnicastServer
 from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
 from mcastdeploy.protocol.straggler import StragglerPolicy
 from mcastdeploy.protocol.tracker import Tracker, TrackerConfig
@@ -348,9 +348,21 @@ def test_blocks_from_peers_are_checked_against_the_manifest() -> None:
     assert [(e.block, bytes(e.data)) for e in decoded] == [(1, session.block(1))]
     assert late.offer_block(1, session.block(1), 1.3) is None  # already done
     assert late.stats.peer_blocks_rejected == 2 and late.stats.blocks_from_peers == 1
+    # Who served each block is counted, and the receiver's reports tell the sender.
+    late.offer_block(0, session.block(0), 1.4, UnicastServer.ORIGIN)
+    late.offer_block(2, session.block(2), 1.4, UnicastServer.SOURCE)
     for block in range(BLOCKS):
         late.offer_block(block, session.block(block), 1.4)
     assert any(isinstance(e, events.AllBlocksDecoded) for e in drain(late))
+    stats = late.stats
+    assert (stats.blocks_from_peers, stats.blocks_from_source, stats.blocks_from_origin) == (
+        BLOCKS - 2, 1, 1)
+    late.image_verified(hashlib.sha256(session.image).digest(), 1.5)
+    session.deliver(late, ("10.0.0.30", 5000), 1.5)
+    record = next(r for r in session.sender.receivers.values()
+                  if r.address == ("10.0.0.30", 5000))
+    assert record.done and (record.blocks_from_peers, record.blocks_from_source,
+                            record.blocks_from_origin) == (BLOCKS - 2, 1, 1)
 
 
 def test_receiver_that_missed_much_of_the_pass_is_a_straggler_one_that_missed_little_not() -> None:

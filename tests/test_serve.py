@@ -599,9 +599,17 @@ class RackHead:
                 assert row["repairs_asked"] == summary["repairs_asked"], (host, row, summary)
             else:
                 assert row["repairs_asked"] <= summary["repairs_asked"], (host, row, summary)
-            # A straggler (it says why in its summary) took what it lacked from peers.
-            assert row["source"] == ("peers" if summary["straggler"] else "multicast"), \
-                (host, row, summary)
+            # Where its blocks came from, as the agent counts the bytes it wrote.
+            names = ("multicast", "peers", "source", "origin")
+            assert row["source"] == "+".join(
+                name for name in names if summary[f"bytes_from_{name}"]), (host, row, summary)
+            block_bytes = -(-view["bytes_total"] // row["block_count"])
+            for name in names:
+                blocks = row["blocks_from"][name]
+                assert (blocks - 1) * block_bytes < summary[f"bytes_from_{name}"] \
+                    <= blocks * block_bytes or blocks == summary[f"bytes_from_{name}"] == 0, \
+                    (host, name, row, summary)
+            assert row["straggler"] == bool(summary["straggler"]), (host, row, summary)
         metrics = parse_metrics(self.get("/metrics").decode())
         asked = sum(s["repairs_asked"] for s in summaries.values())
         assert (metrics["mcastdeploy_repairs_asked_total"] == asked if one_sender

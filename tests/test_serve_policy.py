@@ -123,6 +123,7 @@ ST_AUTH = http://swift.example/auth/v1.0
 """)
     loaded = configuration.load(path)
     assert loaded.token == TOKEN
+    assert TOKEN not in repr(loaded) and "swift.example" not in repr(loaded)  # secrets too
     assert loaded.listen == ("10.0.0.1", 7000)
     assert loaded.interface == "eth1"
     assert loaded.groups == ipaddress.IPv4Network("239.200.0.0/16")
@@ -363,15 +364,26 @@ def test_an_agents_rate_is_from_its_own_reports():
     assert rates.update(1, 5, heard_at=6.0, now=6.0, done=False) == 0.0  # restarted
 
 
-def test_a_straggler_shows_peers_as_its_source():
-    """status's SOURCE column: what the sender knows, a receiver that asked for peers."""
+def test_source_names_where_each_agents_blocks_came_from():
+    """status's SOURCE column: the sources that served each agent any block, from its
+    reports; a straggler with no block yet shows the peers it asked for."""
     from mcastdeploy.protocol.sender import ReceiverRecord, Sender, SenderConfig
     from mcastdeploy.service.session import snapshot
 
     sender = Sender(SenderConfig(session_id=1, group=("239.1.1.1", 9), rate_bps=10**8), 10_000,
                     origin=7)
-    sender.receivers[1] = ReceiverRecord(("10.0.0.1", 1), 0.0, 0.0)
-    sender.receivers[2] = ReceiverRecord(("10.0.0.2", 1), 0.0, 0.0, asked_peers=True)
-    sender.receivers[3] = ReceiverRecord(("10.0.0.3", 1), 0.0, 0.0, referred=True)
-    rows = {row["address"]: row["source"] for row in snapshot(sender, 0.0)["receivers"]}
-    assert rows == {"10.0.0.1": "multicast", "10.0.0.2": "peers", "10.0.0.3": "peers"}
+    record = ReceiverRecord  # blocks_done counts every way a block got done
+    sender.receivers[1] = record(("10.0.0.1", 1), 0.0, 0.0, blocks_done=1)
+    sender.receivers[2] = record(("10.0.0.2", 1), 0.0, 0.0, asked_peers=True)
+    sender.receivers[3] = record(("10.0.0.3", 1), 0.0, 0.0, blocks_done=3, referred=True,
+                                 blocks_from_peers=2, blocks_in_place=0)
+    sender.receivers[4] = record(("10.0.0.4", 1), 0.0, 0.0, blocks_done=3, blocks_in_place=1,
+                                 blocks_from_source=1, blocks_from_origin=1)
+    sender.receivers[5] = record(("10.0.0.5", 1), 0.0, 0.0)
+    rows = {row["address"]: row for row in snapshot(sender, 0.0)["receivers"]}
+    assert {address: row["source"] for address, row in rows.items()} == {
+        "10.0.0.1": "multicast", "10.0.0.2": "peers", "10.0.0.3": "multicast+peers",
+        "10.0.0.4": "source+origin", "10.0.0.5": "-"}
+    assert rows["10.0.0.4"]["blocks_from"] == {"multicast": 0, "peers": 0, "source": 1,
+                                               "origin": 1}
+    assert [rows[a]["straggler"] for a in sorted(rows)] == [False, True, True, False, False]

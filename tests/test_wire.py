@@ -69,8 +69,14 @@ notices = st.builds(wire.RepairNotice, scheduled=block_counts, backlog_us=st.int
 @st.composite
 def statuses(draw: st.DrawFn) -> wire.Status:
     count = draw(st.integers(0, U32))
+    done = draw(st.integers(0, count))
+    # How the done blocks came: any split of them (the rest by multicast).
+    cuts = sorted(draw(st.lists(st.integers(0, done), min_size=4, max_size=4)))
+    peers, source, origin, in_place = (b - a for a, b in zip([0] + cuts, cuts))
     return wire.Status(state=draw(st.sampled_from(list(wire.ReceiverState))),
-                       blocks_done=draw(st.integers(0, count)), block_count=count,
+                       blocks_done=done, block_count=count,
+                       blocks_from_peers=peers, blocks_from_source=source,
+                       blocks_from_origin=origin, blocks_in_place=in_place,
                        packets_received=draw(st.integers(0, U64)),
                        packets_lost=draw(st.integers(0, U64)), nacks_sent=draw(st.integers(0, U32)),
                        echo_us=draw(st.integers(0, U64)), hold_us=draw(st.integers(0, U32)),
@@ -322,13 +328,18 @@ def test_reject_announce_wrong_length() -> None:
 def test_reject_status_done_beyond_count_and_unknown_state() -> None:
     layout = wire.Status.BODY
     ok = wire.parse(_raw(wire.PacketType.STATUS,
-                         layout.pack(3, 6790, 5, 5, 1, 0, 0, 9, 8, 77))).body
+                         layout.pack(3, 6790, 5, 5, 1, 0, 0, 9, 8, 77, 1, 1, 1, 2))).body
     assert ok.state is wire.ReceiverState.DONE and ok.blocks_done == ok.block_count == 5
     assert (ok.echo_us, ok.hold_us, ok.node_id, ok.seed_port) == (9, 8, 77, 6790)
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 6, 5, 1, 0, 0, 0, 0, 0)),
+    assert (ok.blocks_from_peers, ok.blocks_from_source, ok.blocks_from_origin,
+            ok.blocks_in_place) == (1, 1, 1, 2)
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 6, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
              "more blocks done")
-    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 0, 5, 1, 0, 0, 0, 0, 0)),
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 0, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
              "unknown state")
+    # A split of the done blocks that adds up to more than were done.
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 3, 5, 1, 0, 0, 0, 0, 0, 2, 0, 0, 2)),
+             "more blocks accounted")
 
 
 def test_reject_malformed_peer_packets() -> None:

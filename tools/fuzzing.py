@@ -434,7 +434,7 @@ class Fuzzer:
         elif ptype == wire.PacketType.STATUS:
             body = wire.Status.BODY.pack(rng.randrange(8), value(16), value(32), value(32),
                                          value(64), value(64), value(32), value(64), value(32),
-                                         value(64))
+                                         value(64), value(32), value(32), value(32), value(32))
         elif ptype == wire.PacketType.PEER_REQUEST:
             count = rng.choice((0, 1, 32, 33, 255))
             real = count if rng.random() < 0.8 else rng.randrange(0, 40)

@@ -30,6 +30,7 @@ from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol.geometry import ImageGeometry
 from mcastdeploy.protocol.peering import (MAX_REQUEST_BLOCKS, NONCE_BYTES, BlockReceived,
                                           NotHeld, PeerClient, PeerError)
+from mcastdeploy.protocol.receiver import UnicastServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class Peer:
     failed: bool = False
     bytes_received: int = 0
     blocks: list[int] = field(default_factory=list)  # in flight on this peer
+
+    @property
+    def server(self) -> UnicastServer:
+        if self.reader is not None:
+            return UnicastServer.ORIGIN
+        return UnicastServer.SOURCE if self.source else UnicastServer.PEER
 
     def __str__(self) -> str:
         if self.reader is not None:

@@ -25,7 +25,8 @@ from mcastdeploy.drivers.udp import (check_group, open_group_socket, open_unicas
                                      resolve_interface)
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.intake import rejected
-from mcastdeploy.protocol.receiver import Receiver, ReceiverConfig, ReceiverPhase
+from mcastdeploy.protocol.receiver import (Receiver, ReceiverConfig, ReceiverPhase,
+                                           UnicastServer)
 from mcastdeploy.spec import SessionSpec
 
 
@@ -244,11 +245,10 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         rejected=rejected(stats),
         peak_rss_mb=peak_rss_mb(),
         bytes_from_multicast=max(0, (target.bytes_written if target else 0)
-                                 - straggling.bytes_from_peers - straggling.bytes_from_source
-                                 - straggling.bytes_from_origin),
-        bytes_from_peers=straggling.bytes_from_peers,
-        bytes_from_source=straggling.bytes_from_source,
-        bytes_from_origin=straggling.bytes_from_origin,
+                                 - sum(straggling.bytes_from.values())),
+        bytes_from_peers=straggling.bytes_from[UnicastServer.PEER],
+        bytes_from_source=straggling.bytes_from[UnicastServer.SOURCE],
+        bytes_from_origin=straggling.bytes_from[UnicastServer.ORIGIN],
         peer_blocks_rejected=straggling.peer_blocks_rejected,
         straggler=receiver.straggler or "",
         bytes_seeded=server.bytes_served if server else 0,

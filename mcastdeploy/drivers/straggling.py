@@ -29,7 +29,7 @@ from mcastdeploy.drivers.event_loop import Wakeup
 from mcastdeploy.drivers.peer_fetch import MAX_QUEUED, PeerFetcher
 from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol import events
-from mcastdeploy.protocol.receiver import Receiver
+from mcastdeploy.protocol.receiver import Receiver, UnicastServer
 from mcastdeploy.spec import SessionSpec
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,8 @@ class Straggling:
         self._listed = 0  # peers the tracker has named so far
         self._on_multicast = False  # given back to multicast repair
         self.reason = ""
-        self.bytes_from_peers = 0
-        self.bytes_from_source = 0
-        self.bytes_from_origin = 0
+        #: Bytes written from each unicast server (they passed the manifest).
+        self.bytes_from = dict.fromkeys(UnicastServer, 0)
         self.peer_blocks_rejected = 0
 
     def close(self) -> None:
@@ -185,17 +184,13 @@ class Straggling:
                     self._receiver.want_peers(now, fetcher.failed_origins)
                 continue
             peer, block, data = item  # type: ignore[misc]
-            verdict = self._receiver.offer_block(block, data, now)
+            server = peer.server  # type: ignore[union-attr]
+            verdict = self._receiver.offer_block(block, data, now, server)
             if verdict is False:
                 self.peer_blocks_rejected += 1
                 fetcher.rejected(peer, block)  # type: ignore[arg-type]
                 continue
             fetcher.accepted(block)
             if verdict:
-                if peer.reader is not None:  # type: ignore[union-attr]
-                    self.bytes_from_origin += len(data)
-                elif peer.source:  # type: ignore[union-attr]
-                    self.bytes_from_source += len(data)
-                else:
-                    self.bytes_from_peers += len(data)
+                self.bytes_from[server] += len(data)
         self.wakeup.wake()  # more may be waiting: come back at the next step

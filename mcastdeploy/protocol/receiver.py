@@ -30,6 +30,14 @@ from mcastdeploy.protocol.straggler import StragglerPolicy
 Address = tuple
 
 
+class UnicastServer(enum.Enum):
+    """Who served a block a straggler fetched by unicast, in its order of resort."""
+
+    PEER = "peers"  # a finished receiver's block server
+    SOURCE = "source"  # the sender's own block server
+    ORIGIN = "origin"  # the image's HTTP/Swift origin, by ranged GET
+
+
 @dataclass
 class ReceiverConfig:
     session_id: int
@@ -139,7 +147,9 @@ class ReceiverStats:
     blocks_zero: int = 0  # all-zero blocks, zeroed by the driver instead of received
     partials_dropped: int = 0  # incomplete blocks forgotten to stay within partial_budget
     manifest_requests: int = 0
-    blocks_from_peers: int = 0  # verified blocks a peer (or the source) served
+    blocks_from_peers: int = 0  # verified blocks finished peers served
+    blocks_from_source: int = 0  # ... the sender's own block server served (last resort)
+    blocks_from_origin: int = 0  # ... the image's origin (HTTP/Swift) served by ranged GET
     peer_blocks_rejected: int = 0  # blocks from a peer that did not match the manifest
     peer_requests: int = 0
 
@@ -458,6 +468,10 @@ class Receiver:
             nacks_sent=self.stats.nacks_sent,
             node_id=self.config.node_id,
             seed_port=self._seed_port,
+            blocks_from_peers=self.stats.blocks_from_peers,
+            blocks_from_source=self.stats.blocks_from_source,
+            blocks_from_origin=self.stats.blocks_from_origin,
+            blocks_in_place=self.stats.blocks_kept + self.stats.blocks_zero,
             **self._echo_fields(now),
         ), wire.Flags.REPLY if silent else wire.Flags.NONE)
 
@@ -888,8 +902,9 @@ class Receiver:
         if self._timing is not None and self.phase is ReceiverPhase.RECEIVING:
             self._nacks.arm(now, self._timing)
 
-    def offer_block(self, block: int, data: bytes | memoryview, now: float) -> Optional[bool]:
-        """(driver) ``data`` came from a peer as block ``block``: True if the manifest
+    def offer_block(self, block: int, data: bytes | memoryview, now: float,
+                    served_by: UnicastServer = UnicastServer.PEER) -> Optional[bool]:
+        """(driver) ``data`` came from ``served_by`` as block ``block``: True if the manifest
         vouches for it (it is handed over as BlockDecoded, to be written), False if it does
         not (the peer lies or is broken: drop it), None if it cannot be used now (not
         needed any more, or its hash not known yet)."""
@@ -907,7 +922,12 @@ class Receiver:
             self.stats.peer_blocks_rejected += 1
             return False
         self._mark_done(block)
-        self.stats.blocks_from_peers += 1
+        if served_by is UnicastServer.ORIGIN:
+            self.stats.blocks_from_origin += 1
+        elif served_by is UnicastServer.SOURCE:
+            self.stats.blocks_from_source += 1
+        else:
+            self.stats.blocks_from_peers += 1
         self._events.append(events.BlockDecoded(block, geometry.offset(block),
                                                 memoryview(data)))
         self._after_block(now)

@@ -118,6 +118,12 @@ class ReceiverRecord:
     asked_peers: bool = False  # a straggler: it asked the tracker for peers
     #: Repair symbols its NACKs asked for, as heard here (the rack head's status shows it).
     symbols_asked: int = 0
+    #: Of ``blocks_done``, as its last STATUS said: served by finished peers, by our block
+    #: server, by the image's origin; and needing nothing (all-zero, already on the target).
+    blocks_from_peers: int = 0
+    blocks_from_source: int = 0
+    blocks_from_origin: int = 0
+    blocks_in_place: int = 0
 
 
 @dataclass
@@ -355,6 +361,10 @@ class Sender:
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
             record.seed_port = body.seed_port
+            record.blocks_from_peers = body.blocks_from_peers
+            record.blocks_from_source = body.blocks_from_source
+            record.blocks_from_origin = body.blocks_from_origin
+            record.blocks_in_place = body.blocks_in_place
             self.tracker.report(header.origin, addr[0], body.seed_port,
                                 body.state is wire.ReceiverState.DONE)
             if header.flags & wire.Flags.REPLY:

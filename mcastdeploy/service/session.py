@@ -22,7 +22,7 @@ from mcastdeploy.drivers.send_session import SendHooks, SendSummary
 from mcastdeploy.drivers.sources import ImageCache
 from mcastdeploy.protocol import events
 from mcastdeploy.protocol.ratecontrol import AutoRate
-from mcastdeploy.protocol.sender import Sender, SenderConfig, SenderState
+from mcastdeploy.protocol.sender import ReceiverRecord, Sender, SenderConfig, SenderState
 from mcastdeploy.spec import SessionSpec
 
 #: While gathering, the pass must not begin because "enough" receivers joined.
@@ -229,6 +229,20 @@ class ReceiveRates:
         return self._rate[origin]
 
 
+def _sources(record: ReceiverRecord) -> dict:
+    """Where a receiver's blocks came from, as its reports say: ``blocks_from`` counts
+    them per source and ``source`` names those that served any, in the order of resort
+    ("multicast+peers"); "-" before any block, unless it asked for peers already."""
+    unicast = {"peers": record.blocks_from_peers, "source": record.blocks_from_source,
+               "origin": record.blocks_from_origin}
+    by_source = {"multicast": max(0, record.blocks_done - record.blocks_in_place
+                                  - sum(unicast.values())), **unicast}
+    names = "+".join(name for name, blocks in by_source.items() if blocks)
+    if not names:
+        names = "peers" if record.asked_peers or record.referred else "-"
+    return {"source": names, "blocks_from": by_source}
+
+
 def snapshot(sender: Sender, elapsed: float, rates: Optional[ReceiveRates] = None,
              now: float = 0.0) -> dict:
     """The sender and every receiver it knows, as plain data for status and metrics;
@@ -249,9 +263,8 @@ def snapshot(sender: Sender, elapsed: float, rates: Optional[ReceiveRates] = Non
             "loss": record.packets_lost / total if total else 0.0,
             "repairs_asked": record.symbols_asked, "rate_bps": int(rate),
             "first_seen": record.first_seen,
-            # As the sender sees it: a straggler (it asked for peers, or was sent to
-            # them) takes what it lacks from peers, the rest came by multicast.
-            "source": "peers" if record.asked_peers or record.referred else "multicast",
+            "straggler": record.asked_peers or record.referred,
+            **_sources(record),
         })
     stats = sender.stats
     return {

@@ -315,7 +315,7 @@ class Status:
     """A receiver's progress and the loss it sees, so the sender can watch the group."""
 
     TYPE: ClassVar[PacketType] = PacketType.STATUS
-    BODY: ClassVar[struct.Struct] = struct.Struct("!BxHIIQQIQIQ")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!BxHIIQQIQIQIIII")
 
     state: ReceiverState
     blocks_done: int
@@ -331,24 +331,37 @@ class Status:
     #: TCP port where this receiver serves the blocks it holds to stragglers (its peer
     #: block server, protocol/peering.py), on the address the STATUS came from; 0: none.
     seed_port: int = 0
+    #: Of ``blocks_done``, those served by unicast, by whom: finished peers, the sender's
+    #: own block server, the image's origin (HTTP/Swift); and those that needed nothing
+    #: (all-zero, or already on the target when resuming). The rest came by multicast:
+    #: the rack head's status shows operators where each agent's image came from.
+    blocks_from_peers: int = 0
+    blocks_from_source: int = 0
+    blocks_from_origin: int = 0
+    blocks_in_place: int = 0
 
     def body(self) -> bytes:
         return self.BODY.pack(self.state, self.seed_port, self.blocks_done, self.block_count,
                               self.packets_received, self.packets_lost, self.nacks_sent,
-                              self.echo_us, self.hold_us, self.node_id)
+                              self.echo_us, self.hold_us, self.node_id, self.blocks_from_peers,
+                              self.blocks_from_source, self.blocks_from_origin,
+                              self.blocks_in_place)
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Status":
         (state, seed_port, done, count, received, lost, nacks, echo,
-         hold, node) = _unpack_exact(cls.BODY, body, "STATUS")
+         hold, node, from_peers, from_source, from_origin,
+         in_place) = _unpack_exact(cls.BODY, body, "STATUS")
         try:
             receiver_state = ReceiverState(state)
         except ValueError:
             raise WireError(f"STATUS: unknown state {state}") from None
         if done > count:
             raise WireError("STATUS: more blocks done than exist")
+        if from_peers + from_source + from_origin + in_place > done:
+            raise WireError("STATUS: more blocks accounted for than done")
         return cls(receiver_state, done, count, received, lost, nacks, echo, hold, node,
-                   seed_port)
+                   seed_port, from_peers, from_source, from_origin, in_place)
 
 
 @dataclass(frozen=True)

@@ -287,5 +287,5 @@ def _check_sender(text: Any) -> None:
     except ValueError:
         raise SpecError(problem) from None
     if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 \
-            or address.is_multicast or address.is_unspecified:
+            or not wire.is_unicast_host(address):
         raise SpecError(problem)

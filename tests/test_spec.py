@@ -90,6 +90,7 @@ def test_replace_ignores_unset_overrides():
     ({"sender": "host:6790"}, "'sender'"),
     ({"sender": "239.1.1.1:6790"}, "'sender'"),
     ({"sender": "0.0.0.0:6790"}, "'sender'"),
+    ({"sender": "255.255.255.255:6790"}, "'sender'"),
     ({"sender": 6790}, "'sender'"),
 ])
 def test_validation(changes, fragment):

@@ -81,7 +81,6 @@ _REPAIR_FLAG = int(wire.Flags.REPAIR)
 _REPLY_FLAG = int(wire.Flags.REPLY)
 _HELD = 2  # _done: decoded, waiting for the manifest to vouch for it
 _DONE = 1
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def _reply_address(announce: wire.Announce, source: Address) -> Optional[Address]:
@@ -100,8 +99,7 @@ def _reply_address(announce: wire.Announce, source: Address) -> Optional[Address
         family = ipaddress.ip_address(source[0]).version
     except ValueError:
         family = address.version
-    if address.is_multicast or address.is_unspecified or address == _BROADCAST \
-            or address.version != family:
+    if not wire.is_unicast_host(address) or address.version != family:
         return None
     return (host, announce.sender_port or source[1])
 

@@ -489,11 +489,22 @@ class Peers:
         peers = []
         for packed, port, origin in PEER_ENTRY.iter_unpack(body[PEERS_HEAD.size:]):
             host = ipaddress.IPv4Address(packed)
-            if port == 0 or host.is_multicast or host.is_unspecified \
-                    or host == ipaddress.IPv4Address("255.255.255.255"):
+            if port == 0 or not is_unicast_host(host):
                 raise WireError(f"PEERS: {host}:{port} is no address to connect to")
             peers.append(PeerAddress(str(host), port, origin))
         return cls(tuple(peers), source_port)
+
+
+def is_unicast_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True if a datagram or a connection can go to ``address`` as to one host: not a
+    group, not the unspecified address, not the limited broadcast (every send to those
+    fails, or reaches everyone). Whatever names where we send — a PEERS entry, an
+    ANNOUNCE's reply address, the spec's ``sender`` — is checked with this."""
+    return not (address.is_multicast or address.is_unspecified
+                or address == _LIMITED_BROADCAST)
+
+
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 Body = Union[Announce, Data, Nack, Status, Done, End, RepairNotice, Manifest, PeerRequest, Peers]

@@ -188,10 +188,12 @@ def test_a_rack_head_value_asks_for_the_image_pinned_as_ironic_pins_it(monkeypat
     ironic.session_for(info, node)
     named = IronicSpec.from_value(dict(value, image="ubuntu-22.04"))
     named.session_for({"id": "glance-id", "checksum": "ef" * 16}, node)  # md5: no pin
+    named.session_for({"id": "glance-id", "checksum": "EF" * 32}, node)  # legacy SHA-256
     assert asked == [
         ("https://head:7470", "t0ken", "glance-id", "node-1", "ab" * 32, "qcow2"),
         ("https://head:7470", "t0ken", "glance-id", "node-1", "cd" * 32, None),
-        ("https://head:7470", "t0ken", "ubuntu-22.04", "node-1", None, None)]
+        ("https://head:7470", "t0ken", "ubuntu-22.04", "node-1", None, None),
+        ("https://head:7470", "t0ken", "ubuntu-22.04", "node-1", "ef" * 32, None)]
 
 
 @pytest.mark.parametrize("value, message", [

@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mcastdeploy.ipa.checksum import ChecksumError, ironic_checksum
 from mcastdeploy.service.client import ClientError, request_session
 from mcastdeploy.spec import SessionSpec, SpecError
 
@@ -146,14 +147,15 @@ def _pin(info: dict) -> tuple[Optional[str], bool]:
     """The SHA-256 Ironic gave for the image as stored (image_info's, or instance_info's
     ``image_os_hash_*`` at lookup), and whether it is of a qcow2 file: the rack head then
     refuses to send another image, before any node writes a block."""
-    algorithm = info.get("os_hash_algo") or info.get("image_os_hash_algo")
-    value = info.get("os_hash_value") or info.get("image_os_hash_value")
-    if not (algorithm and value):
-        value = info.get("checksum") or info.get("image_checksum")
-        algorithm = "sha256" if isinstance(value, str) and len(value) == 64 else None
-    sha256 = str(value).lower() if str(algorithm).lower() == "sha256" and value else None
-    qcow2 = (info.get("disk_format") or info.get("image_disk_format")) == "qcow2"
-    return sha256, qcow2
+    # instance_info names image_info's fields with an "image_" prefix.
+    fields = {name: info.get(name) or info.get(f"image_{name}")
+              for name in ("os_hash_algo", "os_hash_value", "checksum", "disk_format")}
+    try:
+        checksum = ironic_checksum(fields, md5_allowed=True)
+    except ChecksumError:
+        checksum = None  # none given, or not one we can pin: the agent checks after writing
+    sha256 = checksum.value if checksum and checksum.algorithm == "sha256" else None
+    return sha256, fields["disk_format"] == "qcow2"
 
 
 def find_ironic_spec(node: Optional[dict], image_info: Optional[dict] = None

@@ -202,3 +202,66 @@ def test_a_connection_without_the_key_holds_a_slot_only_briefly(image):
             assert time.monotonic() - started < HELLO_TIMEOUT + 2
     finally:
         server.close()
+
+
+def test_a_peer_stays_for_blocks_wanted_later_and_idle_connections_are_renewed(image):
+    """A straggler learns the manifest in pieces: blocks become wanted after the fetcher
+    ran dry, possibly after the seeder closed the idle connection. The same peer serves
+    them; it is neither forgotten nor counted as failed."""
+    path, data = image
+    server = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=0.5)
+    server.serve(path, GEOMETRY, None)
+    half = GEOMETRY.block_count // 2
+    try:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=4, timeout=5.0, idle=0.3)
+        fetcher.add_peers([("127.0.0.1", server.port, 1)])
+        got: dict[int, bytes] = {}
+        for wanted, pause in ((range(half), 0.0), (range(half, half + 4), 1.0),
+                              (range(half + 4, GEOMETRY.block_count), 0.0)):
+            time.sleep(pause)  # longer than the server keeps an idle connection
+            fetcher.want(wanted)
+            until = time.monotonic() + 20.0
+            while not set(wanted) <= got.keys():
+                assert time.monotonic() < until, f"only {len(got)} blocks in time"
+                try:
+                    item = fetcher.results.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                assert item[0] not in ("failed", "exhausted"), item
+                peer, block, blob = item
+                got[block] = blob
+                fetcher.accepted(block)
+        fetcher.close()
+    finally:
+        server.close()
+    assert b"".join(got[b] for b in range(GEOMETRY.block_count)) == data
+    assert fetcher.failed_origins == ()
+
+
+class SlowLyingServer(LyingServer):
+    def _read(self, image, block):  # type: ignore[override]
+        time.sleep(1.0)
+        return super()._read(image, block)
+
+
+def test_a_peer_waiting_on_anothers_blocks_is_not_dropped_by_its_idle_seeder(image):
+    """The honest peer has nothing to ask while a slow liar holds the last blocks; when the
+    liar is dropped those blocks come back to it, after longer than its seeder keeps an
+    idle connection: it asks over a new one instead of failing."""
+    path, data = image
+    honest = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=0.5)
+    honest.serve(path, GEOMETRY, None)
+    liar = serve(SlowLyingServer, path)
+    try:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=4, timeout=5.0, idle=0.3)
+        fetcher.add_peers([("127.0.0.1", honest.port, 1), ("127.0.0.1", liar.port, 2)])
+        fetcher.want(range(GEOMETRY.block_count))
+        outcome = run_fetch(fetcher, data)
+    finally:
+        honest.close()
+        liar.close()
+    assert outcome["exhausted"] is None and outcome["rejected"] == 1
+    assert b"".join(outcome["got"][b] for b in range(GEOMETRY.block_count)) == data
+    assert fetcher.failed_origins == (2,)

@@ -21,6 +21,7 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
@@ -38,6 +39,10 @@ RECV_BYTES = 1 << 18
 #: Blocks arrived but not yet taken by the loop thread, at most: a loop busy with the
 #: multicast must not make the fetcher buffer the image in memory.
 MAX_QUEUED = 64
+#: A worker with nothing to ask for this long closes its connection and waits among the
+#: spares: well inside a seeder's idle timeout (peer_server), which would otherwise close
+#: it under us and make an honest peer look failed.
+IDLE_PARK = 5.0
 
 
 @dataclass(eq=False)
@@ -73,7 +78,7 @@ Result = Union[tuple[Peer, int, bytes], tuple[str, tuple[int, ...]]]
 class PeerFetcher:
     def __init__(self, secret: bytes, session_id: int, *, encrypt: bool,
                  geometry: ImageGeometry, wake: Callable[[], None], parallel: int = 4,
-                 batch: int = 16, timeout: float = 5.0) -> None:
+                 batch: int = 16, timeout: float = 5.0, idle: float = IDLE_PARK) -> None:
         self._secret = secret
         self._session_id = session_id
         self._encrypt = encrypt
@@ -82,6 +87,7 @@ class PeerFetcher:
         self._parallel = parallel
         self._batch = min(batch, MAX_REQUEST_BLOCKS)
         self._timeout = timeout
+        self._idle = idle
         self._lock = threading.Condition()
         self._pending: deque[int] = deque()
         self._wanted: set[int] = set()  # pending or in flight, not yet accepted
@@ -248,6 +254,10 @@ class PeerFetcher:
             with self._lock:
                 if peer in self._active:
                     self._active.remove(peer)
+                    if not peer.failed and not self._closed:
+                        # Ran out of work: it serves again when blocks are wanted later
+                        # (hashes learned since), over a new connection.
+                        self._spares.append(peer)
                 self._start_workers()
                 self._check_exhausted()
                 self._lock.notify_all()
@@ -266,11 +276,13 @@ class PeerFetcher:
                 self._receive_run(peer, channel, conn, set(run))
 
     def _next_run(self, peer: Peer) -> list[int]:
-        """The next run of blocks for ``peer``; [] when it should stop."""
+        """The next run of blocks for ``peer``; [] when it should stop: dropped, closed,
+        nothing wanted, or nothing to ask for ``idle`` seconds."""
         with self._lock:
             while True:
+                park_at = time.monotonic() + self._idle
                 while not self._pending and self._wanted and not peer.failed \
-                        and not self._closed:
+                        and not self._closed and time.monotonic() < park_at:
                     self._lock.wait(0.5)  # others' blocks may come back to us
                 if peer.failed or self._closed or not self._pending:
                     return []

@@ -1,5 +1,8 @@
 """A small HTTP/1.1 object server on 127.0.0.1 for the source tests: single byte ranges,
-ETags, counters of what it served, and failures injected on demand."""
+ETags, counters of what it served, and failures injected on demand.
+
+Run as a program (``http_objects.py FILE HOST``) it serves FILE as ``/image.raw`` on HOST
+until killed, printing its port: an image's origin inside a rack test's namespace."""
 
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ class ObjectServer:
     ``piece_delay`` after each 64 KiB of it, a slow link (a download that takes a while)."""
 
     def __init__(self, objects: dict, *, ranges: bool = True, etags: bool = True,
-                 delay: float = 0.0, piece_delay: float = 0.0) -> None:
+                 delay: float = 0.0, piece_delay: float = 0.0, host: str = "127.0.0.1") -> None:
         self.objects = dict(objects)
+        self.host = host
         self.ranges = ranges
         self.etags = etags
         self.delay = delay
@@ -43,7 +47,7 @@ class ObjectServer:
         class Handler(_Handler):
             server_owner = owner
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -62,7 +66,7 @@ class ObjectServer:
         return self._server.server_address[1]
 
     def url(self, path: str = "/img") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -161,3 +165,12 @@ def dead_url(path: str = "/img") -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}{path}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    with open(sys.argv[1], "rb") as image, \
+            ObjectServer({"/image.raw": image.read()}, host=sys.argv[2]) as served:
+        print(served.port, flush=True)
+        time.sleep(600)  # the test kills it long before

@@ -10,6 +10,8 @@ source serves, as the last resort.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from helpers import write_random
@@ -22,6 +24,7 @@ from mcastdeploy.spec import DEFAULT_PORT
 IMAGE_SIZE = 6 * 1024 * 1024 + 333
 SEED = ("--seed-time", "60")  # the seeders leave when the sender ends the session
 HOSTILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile_seeder.py")
+HTTP_OBJECTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_objects.py")
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +156,33 @@ def test_with_every_peer_gone_the_straggler_falls_back_to_the_source(rack, tmp_p
     assert summaries["sender"]["source_bytes_served"] == IMAGE_SIZE
     assert "last resort" in transfer.peers[late].tail(20000)
     report("every peer gone", late_s=transfer.finished_after(late))
+
+
+def test_with_peers_and_the_senders_block_server_gone_the_origin_serves(rack, tmp_path, image):
+    """The last of the unicast resorts: ranged GETs of the image's URL (``recv --origin``,
+    which the IPA plugin fills with Ironic's), served here from a finished peer's
+    namespace, while the straggler's TCP to the sender is dropped."""
+    bed = rack(3, rate=LINK)
+    *early, late = bed.receivers
+    transfer = Transfer(bed, tmp_path, image, "origin", image_size=IMAGE_SIZE)
+    start_then_finish(transfer, early, 3)
+    for host in early:  # listed by the tracker, but gone
+        transfer.kill(host)
+    origin = bed.exec(early[0], [sys.executable, HTTP_OBJECTS, image[0], bed.address(early[0])],
+                      stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(origin.stdout.readline())  # type: ignore[union-attr]
+        bed.drop_tcp_to(late, rackbed.SENDER_ADDRESS)
+        url = f"http://{bed.address(early[0])}:{port}/image.raw"
+        transfer.receive(late, wait_joined=False, options=("--origin", url))
+        transfer.wait()
+    finally:
+        origin.kill()
+        origin.wait(10)
+    summaries = transfer.check(receivers_done=3)
+    summary = summaries[late]
+    assert summary["bytes_from_origin"] == IMAGE_SIZE, summary
+    assert summary["bytes_from_peers"] == summary["bytes_from_source"] == 0
+    assert summaries["sender"]["source_bytes_served"] == 0
+    assert "fetching from the image's origin" in transfer.peers[late].tail(20000)
+    report("peers and block server gone: origin", late_s=transfer.finished_after(late))

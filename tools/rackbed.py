@@ -222,6 +222,9 @@ class Host:
     #: Multicast dropped as it reaches the host (a firewall, or snooping gone wrong):
     #: unicast still flows.
     group_dropped: bool = False
+    #: TCP from the host to this address dropped as it leaves (a firewall in between):
+    #: a block server that cannot be reached.
+    tcp_dropped_to: Optional[str] = None
 
 
 @dataclass
@@ -524,6 +527,13 @@ class Rack:
             self._apply_filters(host)
             self._save()
 
+    def drop_tcp_to(self, host: str, address: Optional[str]) -> None:
+        """Drop every TCP segment ``host`` sends to ``address`` (None: stop)."""
+        with self._lock:
+            self.host(host).tcp_dropped_to = address
+            self._apply_filters(host)
+            self._save()
+
     def _apply_filters(self, host: str) -> None:
         entry = self.host(host)
         hundredths = round(entry.loss_percent * 100)
@@ -543,6 +553,9 @@ class Rack:
         if entry.group_dropped:
             lines.append(f"add rule netdev {NFT_TABLE} ingress ip daddr 224.0.0.0/4 counter "
                          'drop comment "group"')
+        if entry.tcp_dropped_to:
+            lines.append(f"add rule netdev {NFT_TABLE} egress ip daddr {entry.tcp_dropped_to} "
+                         'ip protocol tcp counter drop comment "tcp"')
         if hundredths >= 10000:
             lines.append(f'add rule netdev {NFT_TABLE} ingress counter drop comment "loss"')
         elif hundredths > 0:

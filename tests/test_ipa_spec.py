@@ -10,8 +10,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+from helpers import finish, mcastdeploy, sha256_file, write_random
 
 from mcastdeploy.ipa.checksum import (ChecksumError, ImageChecksum, check_written,
                                       ironic_checksum, pin_session)
@@ -47,7 +49,8 @@ def test_malformed_values_are_one_line_errors(stored, message):
 
 
 @pytest.mark.parametrize("option", [{"early_start": "yes"}, {"timeout": 0},
-                                    {"deadline": -1}, {"interface": ""}])
+                                    {"deadline": -1}, {"interface": ""}, {"seed_time": -1},
+                                    {"seed_time": "60"}, {"seed_time": 7200}])
 def test_bad_agent_options_are_refused(option):
     with pytest.raises(SpecError):
         IronicSpec.from_value({**value_of(new_session()), **option})
@@ -145,16 +148,27 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_session_new_ironic_prints_what_the_nodes_get(tmp_path):
     path = tmp_path / "rack1.json"
     done = run("session", "new", "--interface", "lo", "-o", str(path), "--ironic",
-               "--early-start", "--agent-timeout", "90")
+               "--early-start", "--agent-timeout", "90", "--agent-seed-time", "120")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 1  # one line for --instance-info
     ironic = IronicSpec.from_value(done.stdout)
-    assert (ironic.early_start, ironic.timeout, ironic.interface) == (True, 90, None)
+    assert (ironic.early_start, ironic.timeout, ironic.interface, ironic.seed_time) == (
+        True, 90, None, 120)
     assert ironic.session == dataclasses.replace(SessionSpec.load(str(path)), interface=None)
     again = run("session", "ironic", str(path), "--node-interface", "eno1")
     assert again.returncode == 0, again.stderr
     assert IronicSpec.from_value(again.stdout).receiver_session \
         == SessionSpec.load(str(path)).replace(interface="eno1")
+
+
+def test_agent_options_that_do_not_go_together_leave_no_spec_behind(tmp_path):
+    path = tmp_path / "rack1.json"
+    done = run("session", "new", "--interface", "lo", "-o", str(path), "--ironic",
+               "--agent-seed-time", "9000")  # longer than the agent's deadline
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "'seed_time' must be shorter than 'deadline'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not path.exists()
 
 
 def test_session_new_ironic_without_a_file_for_the_sender_is_refused():
@@ -238,3 +252,43 @@ def test_a_replaced_receive_has_let_go_of_the_disk_before_the_next_starts(tmp_pa
         assert ipa_job.current_job() is second
     finally:
         ipa_job.replace_current_job(None)
+
+
+def test_a_finished_agent_seeds_a_late_node_until_its_step_is_cancelled(tmp_path):
+    """With ``seed_time`` the agent serves its verified image to the rack's stragglers
+    before the deploy step returns: a node that starts after the pass gets every block
+    from it. Cancelling ends the seeding at once, and the verified image stands."""
+    size = 3 * 1024 * 1024 + 5
+    image = tmp_path / "image.raw"
+    write_random(image, size, seed=4)
+    session = new_session(interface="lo")
+    session.save(str(tmp_path / "spec.json"))
+    ironic = IronicSpec(session, timeout=30, deadline=120, seed_time=100)
+    job = ReceiveJob(ironic, session, lambda: str(tmp_path / "disk")).start()
+    # It waits for a third receiver that never comes: the session lasts its linger.
+    sender = mcastdeploy("send", "--session", str(tmp_path / "spec.json"), "--min-receivers",
+                         "3", "--wait", "1", "--linger", "60", "--json", str(image))
+    late = None
+    try:
+        until = time.monotonic() + 60
+        while job.status()["state"] != "seeding":
+            assert time.monotonic() < until and not job.finished, job.status()
+            time.sleep(0.1)
+        late = mcastdeploy("recv", "--session", str(tmp_path / "spec.json"), "--json",
+                           "--timeout", "30", str(tmp_path / "late"))
+        code, out, err = finish(late, timeout=60)
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["bytes_from_peers"] == size, summary
+        assert job.status()["state"] == "seeding"  # still: the sender lingers
+        stopping = time.monotonic()
+        assert job.stop(timeout=10)
+        assert time.monotonic() - stopping < 5
+    finally:
+        job.stop(timeout=10)
+        sender.kill()
+        finish(sender)
+    assert job.outcome is not None and job.outcome.ok, job.outcome
+    assert job.outcome.summary.bytes_seeded == size
+    assert job.status()["state"] == "done"
+    assert sha256_file(tmp_path / "disk", size) == sha256_file(image)

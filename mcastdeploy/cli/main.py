@@ -163,6 +163,10 @@ def _ironic_options(command: Callable[..., Any]) -> Callable[..., Any]:
                               "the sender (default 60)."),
             click.option("--node-interface",
                          help="The nodes' NIC for the group (default: the kernel's route)."),
+            click.option("--agent-seed-time", type=click.FloatRange(min=0),
+                         help="Agents serve their image to stragglers for up to this many "
+                              "seconds after theirs is verified, or until the sender ends "
+                              "the session; the deploy step waits (default 0: no seeding)."),
     ]):
         command = option(command)
     return command
@@ -232,10 +236,13 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
         if interface is not None:  # the agent's interface, where it differs from the head's
             resolve_interface(interface)
             spec = spec.replace(interface=interface)
+        # The daemon's session, for the nodes' instance_info (docs/ironic.rst); made before
+        # anything is written, so that bad agent options leave no spec behind.
+        value = _ironic_value(spec, **agent_options) if ironic else None
         if output:
             spec.save(output)
-        if ironic:  # the daemon's session, for the nodes' instance_info (docs/ironic.rst)
-            _echo_ironic(spec, **agent_options)
+        if value is not None:
+            click.echo(value)
         elif not output:
             click.echo(spec.to_json(), nl=False)
         return
@@ -259,10 +266,11 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        proactive_mode=proactive_repair[0] if proactive_repair else None,
                        proactive_repair=proactive_repair[1] if proactive_repair else None,
                        encrypt=encrypt, sender=sender, **pinned)
+    value = _ironic_value(spec, **agent_options) if ironic else None
     if output:
         spec.save(output)
-    if ironic:
-        _echo_ironic(spec, **agent_options)
+    if value is not None:
+        click.echo(value)
     elif not output:
         click.echo(spec.to_json(), nl=False)
 
@@ -274,14 +282,17 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
 def session_ironic(spec_path: str, **agent_options: Any) -> None:
     """Print SPEC as Ironic stores it, for 'openstack baremetal node set --instance-info
     mcastdeploy=...' on every node of the rack whose sender uses SPEC."""
-    _echo_ironic(SessionSpec.load(spec_path), **agent_options)
+    click.echo(_ironic_value(SessionSpec.load(spec_path), **agent_options))
 
 
-def _echo_ironic(spec: SessionSpec, early_start: bool, agent_timeout: Optional[float],
-                 node_interface: Optional[str]) -> None:
+def _ironic_value(spec: SessionSpec, early_start: bool, agent_timeout: Optional[float],
+                  node_interface: Optional[str], agent_seed_time: Optional[float]) -> str:
+    """The one-line value for ``--instance-info mcastdeploy=...``; SpecError if the agent
+    options do not go together."""
     value = IronicSpec(spec, early_start=early_start, interface=node_interface,
-                       **({"timeout": agent_timeout} if agent_timeout else {}))
-    click.echo(json.dumps(value.to_ironic(), separators=(",", ":"), sort_keys=True))
+                       **({"timeout": agent_timeout} if agent_timeout else {}),
+                       **({"seed_time": agent_seed_time} if agent_seed_time else {}))
+    return json.dumps(value.to_ironic(), separators=(",", ":"), sort_keys=True)
 
 
 def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],

@@ -6,6 +6,7 @@ in the click layer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -87,7 +88,7 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
 
     With ``seed_time``, serve the verified blocks to stragglers (docs/peers.rst) while
     receiving and for that many seconds after finishing, or until the sender ends the
-    session.  ``origin``: URLs of the raw image (Ironic's, say), fetched by ranged GET as
+    session (or ``on_progress`` raises SeedingStopped).  ``origin``: URLs of the raw image (Ironic's, say), fetched by ranged GET as
     a straggler's very last resort.  Raises NetworkError/TargetError/SourceError for
     unusable settings (before anything is written).
     """
@@ -222,7 +223,8 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         if target is not None:
             target.close()
     seconds = finished - started
-    progress(time.monotonic())
+    with contextlib.suppress(SeedingStopped):  # asked after seeding ended anyway
+        progress(time.monotonic())
     result = outcome[-1] if outcome else events.TransferFailed("stopped")
     stats = receiver.stats
     size = receiver.geometry.image_size if receiver.geometry else 0
@@ -255,6 +257,11 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
     )
 
 
+class SeedingStopped(Exception):
+    """Raised by ``on_progress`` while the receive is done and seeding: seeding ends early
+    (an IPA deploy step cancelled or past its deadline); the verified image stands."""
+
+
 def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
     """Finished: keep serving stragglers for ``seed_time`` seconds, or until the sender's
     END says nobody is left to serve (the block server runs in its own threads; the
@@ -263,7 +270,10 @@ def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
     loop.finished = lambda: receiver.session_over or time.monotonic() >= until
     loop.before_send = None
     loop.wakeup = None
-    loop.run()
+    try:
+        loop.run()
+    except SeedingStopped:
+        pass
     now = time.monotonic()
     receiver.stop_seeding(now)  # no more stragglers listed to us
     loop.send_pending(now)

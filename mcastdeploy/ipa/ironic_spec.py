@@ -47,6 +47,10 @@ class IronicSpec:
     timeout: float = DEFAULT_TIMEOUT
     #: Give up after this long in all, however the transfer is going.
     deadline: float = DEFAULT_DEADLINE
+    #: Once its image is verified, serve it to the rack's stragglers (docs/peers.rst) for
+    #: up to this long, or until the sender ends the session; the deploy step returns
+    #: after, so IPA changes the disk (config drive) only once nobody reads it. 0: never.
+    seed_time: float = 0.0
     #: The node's NIC for the group (name or address); None: the kernel's route.
     interface: Optional[str] = None
     #: A rack-head service to ask for the session (instead of ``session``), its API token,
@@ -72,11 +76,15 @@ class IronicSpec:
                 raise SpecError(f"{IRONIC_KEY} field {name!r} must be a non-empty string")
         if not isinstance(self.early_start, bool):
             raise SpecError(f"{IRONIC_KEY} field 'early_start' must be true or false")
-        for name in ("timeout", "deadline"):
+        for name in ("timeout", "deadline", "seed_time"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or (value == 0 and name != "seed_time"):
                 raise SpecError(f"{IRONIC_KEY} field {name!r} must be a positive number "
                                 "of seconds")
+        if self.seed_time >= self.deadline:
+            raise SpecError(f"{IRONIC_KEY} field 'seed_time' must be shorter than "
+                            "'deadline', which it counts against")
         if self.interface is not None and (not isinstance(self.interface, str)
                                            or not self.interface):
             raise SpecError(f"{IRONIC_KEY} field 'interface' must be a name, an address "

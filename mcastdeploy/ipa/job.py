@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from mcastdeploy.drivers.recv_session import RecvProgress, RecvSummary, run_recv
+from mcastdeploy.drivers.recv_session import (RecvProgress, RecvSummary, SeedingStopped,
+                                              run_recv)
 from mcastdeploy.ipa.ironic_spec import IronicSpec
 from mcastdeploy.drivers.sources import FetchError
 from mcastdeploy.spec import SessionSpec, SpecError
@@ -75,6 +76,7 @@ class ReceiveJob:
         self._first_byte_at: Optional[float] = None
         self._finished_at: Optional[float] = None
         self._last_log = 0.0
+        self._seeding_stopped = False
         self._thread = threading.Thread(target=self._run, name="mcastdeploy-receive",
                                         daemon=True)
 
@@ -112,7 +114,8 @@ class ReceiveJob:
             self._check_stop()
             self._set_state("waiting for the sender")
             summary = run_recv(self.session, self.device, timeout=self.ironic.timeout,
-                               on_progress=self._on_progress, origin=self.origin)
+                               on_progress=self._on_progress, origin=self.origin,
+                               seed_time=self.ironic.seed_time)
             outcome = JobOutcome(summary.ok, summary.reason, summary)
         except JobStopped as stop:
             outcome = JobOutcome(False, str(stop))
@@ -125,7 +128,8 @@ class ReceiveJob:
         with self._lock:
             self.outcome = outcome
             self.state = "done" if outcome.ok else "failed"
-            self._finished_at = self._clock()
+            if self._finished_at is None or not outcome.ok:
+                self._finished_at = self._clock()
         self._done.set()
         LOG.info("mcastdeploy: session %s onto %s: %s", self.session.session_id,
                  self.device, outcome.reason)
@@ -142,17 +146,27 @@ class ReceiveJob:
 
     def _on_progress(self, progress: RecvProgress) -> None:
         now = self._clock()
+        seeding = progress.state == "done" and self.ironic.seed_time > 0
         with self._lock:
             self._progress = progress
             if progress.bytes_total:
-                self.state = "receiving"
+                self.state = "seeding" if seeding else "receiving"
             if progress.bytes_done and self._first_byte_at is None:
                 self._first_byte_at = now
+            if progress.state == "done" and self._finished_at is None:
+                self._finished_at = now  # the rate and ETA are the receive's, not seeding's
         if now - self._last_log >= LOG_INTERVAL:
             self._last_log = now
             LOG.info("mcastdeploy: %s", self.status())
         if progress.state not in ("done", "failed"):  # a finished receive stands
             self._check_stop()
+        elif seeding and not self._seeding_stopped:
+            try:
+                self._check_stop()  # cancelled or past the deadline: stop serving peers
+            except JobStopped as stop:
+                self._seeding_stopped = True
+                LOG.info("mcastdeploy: seeding ends early: %s", stop)
+                raise SeedingStopped(str(stop)) from None
 
     def status(self) -> dict:
         """What an operator asks: blocks, rate, ETA, state (JSON-serialisable)."""

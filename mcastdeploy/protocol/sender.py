@@ -768,19 +768,17 @@ class Sender:
         if self.manifest is None or self.state is SenderState.FINISHED:
             return
         self._last_request = now  # a receiver still at work, as for any NACK
-        if reply_to is not None:
-            # A straggler's: only it needs these, so they go to it alone, at once.
-            for first, _ in nack.needs[:wire.packets.MAX_UNICAST_CHUNKS]:
-                index, offset = divmod(first, CHUNK_BLOCKS)
-                if not offset and index < self.manifest.known_chunks:
-                    chunk_first, hashes = self.manifest.chunk(index)
-                    self._replies.append((self._encode(wire.Manifest(chunk_first, hashes),
-                                                       wire.Flags.REPLY), reply_to))
-            return
-        for first, _ in nack.needs:
+        # A straggler's (REPLY): only it needs these, so they go to it alone, at once.
+        needs = nack.needs if reply_to is None else nack.needs[:wire.packets.MAX_UNICAST_CHUNKS]
+        for first, _ in needs:
             index, offset = divmod(first, CHUNK_BLOCKS)
-            if not offset and index < self.manifest.known_chunks \
-                    and not self._manifest_queued[index]:
+            if offset or index >= self.manifest.known_chunks:
+                continue  # not a chunk's first block, or not hashed yet
+            if reply_to is not None:
+                chunk_first, hashes = self.manifest.chunk(index)
+                self._replies.append((self._encode(wire.Manifest(chunk_first, hashes),
+                                                   wire.Flags.REPLY), reply_to))
+            elif not self._manifest_queued[index]:
                 self._queue_manifest([index])
 
     def _next_pass_symbol(self, now: float) -> bytes:

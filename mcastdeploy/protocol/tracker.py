@@ -96,13 +96,10 @@ class Tracker:
                   exclude: Iterable[int] = ()) -> list[PeerAddress]:
         """A short random list of seeders for ``straggler``, least loaded first; leases
         are taken (or renewed) on each one listed."""
-        excluded = set(exclude) | {straggler}
-        candidates = [s for origin, s in self._seeders.items() if origin not in excluded]
+        candidates = self._candidates(straggler, exclude)
         self._rng.shuffle(candidates)  # ties in load broken at random
-        # Seeders already serving this straggler count as free for it: asking again renews.
         candidates.sort(key=lambda s: s.load(now) - (straggler in s.leases))
-        chosen = [s for s in candidates
-                  if s.load(now) < self.config.per_seeder or straggler in s.leases]
+        chosen = [s for s in candidates if self._free_for(s, straggler, now)]
         chosen = chosen[:self.config.list_size]
         for seeder in chosen:
             seeder.leases[straggler] = now + self.config.lease
@@ -111,10 +108,17 @@ class Tracker:
 
     def all_busy(self, straggler: int, now: float, exclude: Iterable[int] = ()) -> bool:
         """Seeders exist for ``straggler`` but every one serves as many as it may."""
+        candidates = self._candidates(straggler, exclude)
+        return bool(candidates) and not any(self._free_for(s, straggler, now)
+                                            for s in candidates)
+
+    def _candidates(self, straggler: int, exclude: Iterable[int]) -> list[Seeder]:
         excluded = set(exclude) | {straggler}
-        candidates = [s for origin, s in self._seeders.items() if origin not in excluded]
-        return bool(candidates) and all(s.load(now) >= self.config.per_seeder
-                                        and straggler not in s.leases for s in candidates)
+        return [s for origin, s in self._seeders.items() if origin not in excluded]
+
+    def _free_for(self, seeder: Seeder, straggler: int, now: float) -> bool:
+        """Below its cap, or already serving ``straggler`` (asking again renews it)."""
+        return seeder.load(now) < self.config.per_seeder or straggler in seeder.leases
 
     def release(self, straggler: int) -> None:
         """``straggler`` finished: its leases end now."""

@@ -204,17 +204,19 @@ def test_a_connection_without_the_key_holds_a_slot_only_briefly(image):
         server.close()
 
 
-def test_a_peer_stays_for_blocks_wanted_later_and_idle_connections_are_renewed(image):
+@pytest.mark.parametrize("idle", [0.3, 60.0], ids=["parked-first", "seeder-closed-first"])
+def test_a_peer_stays_for_blocks_wanted_later_over_a_renewed_connection(image, idle):
     """A straggler learns the manifest in pieces: blocks become wanted after the fetcher
-    ran dry, possibly after the seeder closed the idle connection. The same peer serves
-    them; it is neither forgotten nor counted as failed."""
+    ran dry, here after longer than the seeder keeps an idle connection. The same peer
+    serves them, never counted as failed: the worker parks before the seeder closes its
+    connection, or (``idle`` longer than the seeder's timeout) asks again over a new one."""
     path, data = image
     server = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=0.5)
     server.serve(path, GEOMETRY, None)
     half = GEOMETRY.block_count // 2
     try:
         fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
-                              batch=4, timeout=5.0, idle=0.3)
+                              batch=4, timeout=5.0, idle=idle)
         fetcher.add_peers([("127.0.0.1", server.port, 1)])
         got: dict[int, bytes] = {}
         for wanted, pause in ((range(half), 0.0), (range(half, half + 4), 1.0),
@@ -237,6 +239,34 @@ def test_a_peer_stays_for_blocks_wanted_later_and_idle_connections_are_renewed(i
         server.close()
     assert b"".join(got[b] for b in range(GEOMETRY.block_count)) == data
     assert fetcher.failed_origins == ()
+    assert server.connections_served >= 2  # the idle one went; a new one served the rest
+
+
+def test_a_parked_peer_found_lying_is_not_asked_again(image):
+    """The loop rejects a block of a peer that has already parked (out of work): the peer
+    is dropped for good, not started again from the spares."""
+    path, data = image
+    liar = serve(LyingServer, path)
+    try:
+        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                              batch=4, timeout=5.0, idle=0.05)
+        fetcher.add_peers([("127.0.0.1", liar.port, 9)])
+        fetcher.want(range(4))
+        items = [fetcher.results.get(timeout=5) for _ in range(4)]
+        until = time.monotonic() + 5
+        while fetcher._active:  # noqa: SLF001 - parked: its worker has ended
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        peer, block, _ = items[0]
+        fetcher.rejected(peer, block)
+        time.sleep(0.5)
+        assert fetcher.peers_left == 0 and fetcher.idle
+        assert liar.connections_served == 1
+        assert fetcher.results.get(timeout=5)[0] == "failed"
+        assert fetcher.results.get(timeout=5) == ("exhausted", (9,))
+        fetcher.close()
+    finally:
+        liar.close()
 
 
 class SlowLyingServer(LyingServer):

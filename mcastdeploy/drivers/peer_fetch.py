@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
+from mcastdeploy.drivers.peer_server import IDLE_TIMEOUT
 from mcastdeploy.drivers.sources.errors import ReadError
 from mcastdeploy.drivers.sources.reader import RangeReader
 from mcastdeploy.protocol.geometry import ImageGeometry
@@ -40,9 +41,9 @@ RECV_BYTES = 1 << 18
 #: multicast must not make the fetcher buffer the image in memory.
 MAX_QUEUED = 64
 #: A worker with nothing to ask for this long closes its connection and waits among the
-#: spares: well inside a seeder's idle timeout (peer_server), which would otherwise close
-#: it under us and make an honest peer look failed.
-IDLE_PARK = 5.0
+#: spares: well inside a seeder's idle timeout, before it closes the connection under us
+#: (a request on one it did close is sent again once, over a new connection).
+IDLE_PARK = IDLE_TIMEOUT / 2
 
 
 @dataclass(eq=False)
@@ -73,6 +74,10 @@ class Peer:
 #: (peer, block, data) for a block that arrived, ("failed", (origin,)) when a peer is
 #: dropped, or ("exhausted", failed origins) when none is left.
 Result = Union[tuple[Peer, int, bytes], tuple[str, tuple[int, ...]]]
+
+
+class _StaleConnection(OSError):
+    """The peer closed the connection before answering a request."""
 
 
 class PeerFetcher:
@@ -205,6 +210,8 @@ class PeerFetcher:
         while self._spares and len(self._active) < self._parallel and self._pending \
                 and not self._closed:
             peer = self._spares.popleft()
+            if peer.failed:
+                continue
             self._active.append(peer)
             threading.Thread(target=self._work, args=(peer,), daemon=True,
                              name=f"fetch-{peer.host}").start()
@@ -212,6 +219,8 @@ class PeerFetcher:
     def _fail(self, peer: Peer) -> None:
         """(lock held) ``peer`` is done for: its blocks in flight go back to the others."""
         peer.failed = True
+        if peer in self._spares:  # parked with blocks still queued, one of them rejected
+            self._spares.remove(peer)
         if peer.origin not in self._failed:
             self._failed.append(peer.origin)
             self.results.put(("failed", (peer.origin,)))
@@ -266,24 +275,50 @@ class PeerFetcher:
         if peer.reader is not None:
             self._fetch_ranges(peer, peer.reader)
             return
-        channel = PeerClient(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
-                             encrypt=self._encrypt, block_bytes=self._geometry.block_bytes)
-        with socket.create_connection((peer.host, peer.port), timeout=self._timeout) as conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn: Optional[socket.socket] = None
+        try:
             while run := self._next_run(peer):
-                channel.request(run[0], len(run))
-                conn.sendall(channel.data_to_send())
-                self._receive_run(peer, channel, conn, set(run))
+                for retry in (False, True):
+                    if conn is None:
+                        conn, channel, reused = self._connect(peer), self._channel(), False
+                    try:
+                        channel.request(run[0], len(run))
+                        conn.sendall(channel.data_to_send())
+                        self._receive_run(peer, channel, conn, set(run))
+                        reused = True
+                        break
+                    except (_StaleConnection, BrokenPipeError, ConnectionResetError):
+                        # The seeder let a connection we held idle go (its idle timeout,
+                        # or a restart) before answering: once, over a new one.
+                        conn.close()
+                        conn = None
+                        if retry or not reused:
+                            raise
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _connect(self, peer: Peer) -> socket.socket:
+        conn = socket.create_connection((peer.host, peer.port), timeout=self._timeout)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _channel(self) -> PeerClient:
+        return PeerClient(self._secret, self._session_id, secrets.token_bytes(NONCE_BYTES),
+                          encrypt=self._encrypt, block_bytes=self._geometry.block_bytes)
 
     def _next_run(self, peer: Peer) -> list[int]:
         """The next run of blocks for ``peer``; [] when it should stop: dropped, closed,
-        nothing wanted, or nothing to ask for ``idle`` seconds."""
+        or nothing to ask for ``idle`` seconds (blocks may be wanted again meanwhile, as
+        hashes arrive, or come back from a failed peer)."""
         with self._lock:
             while True:
                 park_at = time.monotonic() + self._idle
-                while not self._pending and self._wanted and not peer.failed \
-                        and not self._closed and time.monotonic() < park_at:
-                    self._lock.wait(0.5)  # others' blocks may come back to us
+                while not self._pending and not peer.failed and not self._closed:
+                    left = park_at - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(min(0.5, left))
                 if peer.failed or self._closed or not self._pending:
                     return []
                 run = self._take(peer)
@@ -319,10 +354,16 @@ class PeerFetcher:
 
     def _receive_run(self, peer: Peer, channel: PeerClient, conn: socket.socket,
                      waiting: set[int]) -> None:
+        answered = False
         while waiting:
-            data = conn.recv(RECV_BYTES)
+            try:
+                data = conn.recv(RECV_BYTES)
+            except ConnectionResetError:
+                data = b""
             if not data:
-                raise OSError("the peer closed the connection")
+                raise (OSError if answered else _StaleConnection)(
+                    "the peer closed the connection")
+            answered = True
             channel.receive_data(data)
             while (event := channel.next_event()) is not None:
                 if isinstance(event, BlockReceived):

@@ -27,13 +27,16 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 65536
 #: Seconds a connection may take to show the session key (its hello).
 HELLO_TIMEOUT = 2.0
+#: Seconds a connection may sit without a request before it is closed (its slot freed).
+IDLE_TIMEOUT = 10.0
 
 
 class BlockServer:
     """Listens at once (so that the port can be reported); serves once ``serve`` says what."""
 
     def __init__(self, secret: bytes, session_id: int, *, encrypt: bool, host: str = "0.0.0.0",
-                 port: int = 0, max_connections: int = 8, idle_timeout: float = 10.0) -> None:
+                 port: int = 0, max_connections: int = 8,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._secret = secret
         self._session_id = session_id
         self._encrypt = encrypt

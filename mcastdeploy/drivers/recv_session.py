@@ -6,7 +6,6 @@ in the click layer.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
@@ -39,6 +38,9 @@ class RecvProgress:
     repairs_asked: int
     packets_lost: int
     elapsed: float
+    #: Done, and serving stragglers (``seed_time``): only now may ``on_progress`` raise
+    #: SeedingStopped.
+    seeding: bool = False
 
 
 @dataclass
@@ -88,8 +90,9 @@ def run_recv(spec: SessionSpec, target_path: str, *, timeout: float = 30.0,
 
     With ``seed_time``, serve the verified blocks to stragglers (docs/peers.rst) while
     receiving and for that many seconds after finishing, or until the sender ends the
-    session (or ``on_progress`` raises SeedingStopped).  ``origin``: URLs of the raw image (Ironic's, say), fetched by ranged GET as
-    a straggler's very last resort.  Raises NetworkError/TargetError/SourceError for
+    session (or, while its progress says ``seeding``, ``on_progress`` raises
+    SeedingStopped).  ``origin``: URLs of the raw image (Ironic's, say), fetched by ranged
+    GET as a straggler's very last resort.  Raises NetworkError/TargetError/SourceError for
     unusable settings (before anything is written).
     """
     if origin and spec.image_format != "raw":
@@ -202,9 +205,11 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         elif isinstance(event, (events.TransferComplete, events.TransferFailed)):
             outcome.append(event)
 
+    seeding = False
+
     def progress(now: float) -> None:
         if on_progress is not None:
-            on_progress(_progress(receiver, now - started))
+            on_progress(_progress(receiver, now - started, seeding))
 
     loop = EventLoop(receiver, [group_sock, unicast_sock], unicast_sock, on_event=on_event,
                      on_tick=progress, before_send=straggling.drain,
@@ -217,14 +222,17 @@ def _run(spec: SessionSpec, target_path: str, timeout: float, resume: bool, grou
         finished = time.monotonic()  # the transfer's time: seeding after it is not
         straggling.close()
         if server is not None and receiver.phase is ReceiverPhase.DONE:
-            _seed(loop, receiver, seed_time)
+            seeding = True
+            try:
+                _seed(loop, receiver, seed_time)
+            finally:
+                seeding = False
     finally:
         straggling.close()
         if target is not None:
             target.close()
     seconds = finished - started
-    with contextlib.suppress(SeedingStopped):  # asked after seeding ended anyway
-        progress(time.monotonic())
+    progress(time.monotonic())
     result = outcome[-1] if outcome else events.TransferFailed("stopped")
     stats = receiver.stats
     size = receiver.geometry.image_size if receiver.geometry else 0
@@ -279,7 +287,7 @@ def _seed(loop: EventLoop, receiver: Receiver, seed_time: float) -> None:
     loop.send_pending(now)
 
 
-def _progress(receiver: Receiver, elapsed: float) -> RecvProgress:
+def _progress(receiver: Receiver, elapsed: float, seeding: bool = False) -> RecvProgress:
     geometry = receiver.geometry
     total = geometry.image_size if geometry else 0
     done = min(total, receiver.blocks_done * geometry.block_bytes) if geometry else 0
@@ -290,4 +298,5 @@ def _progress(receiver: Receiver, elapsed: float) -> RecvProgress:
         repairs_asked=receiver.stats.symbols_requested,
         packets_lost=receiver.packets_lost,
         elapsed=elapsed,
+        seeding=seeding,
     )

@@ -74,9 +74,11 @@ class ReceiveJob:
         self._progress: Optional[RecvProgress] = None
         self._started = clock()
         self._first_byte_at: Optional[float] = None
+        #: When the image was done (the rate is over the receive), and when the job ended
+        #: (after seeding, if any).
         self._finished_at: Optional[float] = None
+        self._ended_at: Optional[float] = None
         self._last_log = 0.0
-        self._seeding_stopped = False
         self._thread = threading.Thread(target=self._run, name="mcastdeploy-receive",
                                         daemon=True)
 
@@ -128,8 +130,9 @@ class ReceiveJob:
         with self._lock:
             self.outcome = outcome
             self.state = "done" if outcome.ok else "failed"
+            self._ended_at = self._clock()
             if self._finished_at is None or not outcome.ok:
-                self._finished_at = self._clock()
+                self._finished_at = self._ended_at
         self._done.set()
         LOG.info("mcastdeploy: session %s onto %s: %s", self.session.session_id,
                  self.device, outcome.reason)
@@ -146,7 +149,7 @@ class ReceiveJob:
 
     def _on_progress(self, progress: RecvProgress) -> None:
         now = self._clock()
-        seeding = progress.state == "done" and self.ironic.seed_time > 0
+        seeding = progress.seeding
         with self._lock:
             self._progress = progress
             if progress.bytes_total:
@@ -160,11 +163,10 @@ class ReceiveJob:
             LOG.info("mcastdeploy: %s", self.status())
         if progress.state not in ("done", "failed"):  # a finished receive stands
             self._check_stop()
-        elif seeding and not self._seeding_stopped:
+        elif seeding:
             try:
                 self._check_stop()  # cancelled or past the deadline: stop serving peers
             except JobStopped as stop:
-                self._seeding_stopped = True
                 LOG.info("mcastdeploy: seeding ends early: %s", stop)
                 raise SeedingStopped(str(stop)) from None
 
@@ -173,7 +175,9 @@ class ReceiveJob:
         with self._lock:
             progress, state, outcome = self._progress, self.state, self.outcome
             first_byte_at, finished_at = self._first_byte_at, self._finished_at
-        now = finished_at if finished_at is not None else self._clock()
+            ended_at = self._ended_at
+        clock = self._clock()
+        now = finished_at if finished_at is not None else clock
         block_bytes = self.session.symbol_size * self.session.block_symbols
         done = progress.bytes_done if progress else 0
         total = progress.bytes_total if progress else 0
@@ -191,7 +195,8 @@ class ReceiveJob:
             "bytes_total": total,
             "rate_mb_s": round(rate / 1e6, 3),
             "eta_s": round(eta, 1) if eta is not None else None,
-            "elapsed_s": round(now - self._started, 1),
+            "elapsed_s": round((ended_at if ended_at is not None else clock) - self._started,
+                               1),
             "reason": outcome.reason if outcome else None,
         }
 

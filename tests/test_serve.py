@@ -603,7 +603,8 @@ class RackHead:
             names = ("multicast", "peers", "source", "origin")
             assert row["source"] == "+".join(
                 name for name in names if summary[f"bytes_from_{name}"]), (host, row, summary)
-            block_bytes = -(-view["bytes_total"] // row["block_count"])
+            spec = self.agents[host]["spec"]
+            block_bytes = spec["symbol_size"] * spec["block_symbols"]
             for name in names:
                 blocks = row["blocks_from"][name]
                 assert (blocks - 1) * block_bytes < summary[f"bytes_from_{name}"] \

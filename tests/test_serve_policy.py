@@ -372,18 +372,22 @@ def test_source_names_where_each_agents_blocks_came_from():
 
     sender = Sender(SenderConfig(session_id=1, group=("239.1.1.1", 9), rate_bps=10**8), 10_000,
                     origin=7)
-    record = ReceiverRecord  # blocks_done counts every way a block got done
-    sender.receivers[1] = record(("10.0.0.1", 1), 0.0, 0.0, blocks_done=1)
+    record = ReceiverRecord  # blocks_reported counts every way a block got done
+    sender.receivers[1] = record(("10.0.0.1", 1), 0.0, 0.0, blocks_reported=1)
     sender.receivers[2] = record(("10.0.0.2", 1), 0.0, 0.0, asked_peers=True)
-    sender.receivers[3] = record(("10.0.0.3", 1), 0.0, 0.0, blocks_done=3, referred=True,
+    sender.receivers[3] = record(("10.0.0.3", 1), 0.0, 0.0, blocks_reported=3, referred=True,
                                  blocks_from_peers=2, blocks_in_place=0)
-    sender.receivers[4] = record(("10.0.0.4", 1), 0.0, 0.0, blocks_done=3, blocks_in_place=1,
-                                 blocks_from_source=1, blocks_from_origin=1)
+    sender.receivers[4] = record(("10.0.0.4", 1), 0.0, 0.0, blocks_reported=3,
+                                 blocks_in_place=1, blocks_from_source=1, blocks_from_origin=1)
     sender.receivers[5] = record(("10.0.0.5", 1), 0.0, 0.0)
+    # Its DONE came, its last STATUS did not: the split is of what it reported.
+    sender.receivers[6] = record(("10.0.0.6", 1), 0.0, 0.0, blocks_done=10, done=True,
+                                 blocks_reported=4, blocks_from_peers=4)
     rows = {row["address"]: row for row in snapshot(sender, 0.0)["receivers"]}
     assert {address: row["source"] for address, row in rows.items()} == {
         "10.0.0.1": "multicast", "10.0.0.2": "peers", "10.0.0.3": "multicast+peers",
-        "10.0.0.4": "source+origin", "10.0.0.5": "-"}
+        "10.0.0.4": "source+origin", "10.0.0.5": "-", "10.0.0.6": "peers"}
     assert rows["10.0.0.4"]["blocks_from"] == {"multicast": 0, "peers": 0, "source": 1,
                                                "origin": 1}
-    assert [rows[a]["straggler"] for a in sorted(rows)] == [False, True, True, False, False]
+    assert [rows[a]["straggler"] for a in sorted(rows)] == [False, True, True, False, False,
+                                                            False]

@@ -337,6 +337,12 @@ def test_reject_status_done_beyond_count_and_unknown_state() -> None:
              "more blocks done")
     _rejects(_raw(wire.PacketType.STATUS, layout.pack(5, 0, 0, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
              "unknown state")
+    # A STATUS of before the split is read with the split unknown.
+    older = wire.parse(_raw(wire.PacketType.STATUS,
+                            layout.pack(1, 0, 3, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)[:-16])).body
+    assert older.blocks_done == 3 and older.blocks_from_peers == older.blocks_in_place == 0
+    _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 3, 5, *(0,) * 10)[:-15]),
+             "expected")
     # A split of the done blocks that adds up to more than were done.
     _rejects(_raw(wire.PacketType.STATUS, layout.pack(1, 0, 3, 5, 1, 0, 0, 0, 0, 0, 2, 0, 0, 2)),
              "more blocks accounted")

@@ -118,8 +118,10 @@ class ReceiverRecord:
     asked_peers: bool = False  # a straggler: it asked the tracker for peers
     #: Repair symbols its NACKs asked for, as heard here (the rack head's status shows it).
     symbols_asked: int = 0
-    #: Of ``blocks_done``, as its last STATUS said: served by finished peers, by our block
-    #: server, by the image's origin; and needing nothing (all-zero, already on the target).
+    #: Of the blocks done as its last STATUS said (``blocks_reported``; a DONE after it
+    #: sets ``blocks_done`` only): served by finished peers, by our block server, by the
+    #: image's origin; and needing nothing (all-zero, already on the target).
+    blocks_reported: int = 0
     blocks_from_peers: int = 0
     blocks_from_source: int = 0
     blocks_from_origin: int = 0
@@ -361,6 +363,7 @@ class Sender:
             record.packets_lost = body.packets_lost
             record.packets_received = body.packets_received
             record.seed_port = body.seed_port
+            record.blocks_reported = body.blocks_done
             record.blocks_from_peers = body.blocks_from_peers
             record.blocks_from_source = body.blocks_from_source
             record.blocks_from_origin = body.blocks_from_origin

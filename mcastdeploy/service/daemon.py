@@ -358,7 +358,8 @@ class Daemon:
                                               "blocks_done": 0, "packets_lost": 0,
                                               "packets_received": 0, "loss": 0.0,
                                               "repairs_asked": 0, "rate_bps": 0,
-                                              "source": None}
+                                              "source": "-", "blocks_from": {},
+                                              "straggler": False}
             agents.append(dict(row, name=agent.name, address=agent.address))
         for rest in by_address.values():  # receivers nobody asked for here (a copied spec)
             agents += [dict(row, name=row["address"]) for row in rest]

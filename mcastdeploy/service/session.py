@@ -235,7 +235,7 @@ def _sources(record: ReceiverRecord) -> dict:
     ("multicast+peers"); "-" before any block, unless it asked for peers already."""
     unicast = {"peers": record.blocks_from_peers, "source": record.blocks_from_source,
                "origin": record.blocks_from_origin}
-    by_source = {"multicast": max(0, record.blocks_done - record.blocks_in_place
+    by_source = {"multicast": max(0, record.blocks_reported - record.blocks_in_place
                                   - sum(unicast.values())), **unicast}
     names = "+".join(name for name, blocks in by_source.items() if blocks)
     if not names:

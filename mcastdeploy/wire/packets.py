@@ -316,6 +316,9 @@ class Status:
 
     TYPE: ClassVar[PacketType] = PacketType.STATUS
     BODY: ClassVar[struct.Struct] = struct.Struct("!BxHIIQQIQIQIIII")
+    #: The body before it carried the split of ``blocks_done`` (four counts fewer): still
+    #: read, as "split unknown", so that a rack head hears agents of an older ramdisk.
+    SPLIT: ClassVar[struct.Struct] = struct.Struct("!IIII")
 
     state: ReceiverState
     blocks_done: int
@@ -349,6 +352,8 @@ class Status:
 
     @classmethod
     def from_body(cls, body: memoryview) -> "Status":
+        if len(body) == cls.BODY.size - cls.SPLIT.size:
+            body = memoryview(bytes(body) + bytes(cls.SPLIT.size))
         (state, seed_port, done, count, received, lost, nacks, echo,
          hold, node, from_peers, from_source, from_origin,
          in_place) = _unpack_exact(cls.BODY, body, "STATUS")

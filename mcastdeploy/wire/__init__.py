@@ -33,9 +33,9 @@ from mcastdeploy.wire.packets import (
 )
 
 __all__ = [
-    "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_MANIFEST_HASHES", "MAX_NACK_ENTRIES",
-    "MAX_SYMBOL_ID", "Announce", "Data", "Done", "End", "Flags", "Header", "Manifest", "Nack", "Packet", "PacketType",
-    "PeerAddress", "PeerRequest", "Peers",
-    "ReceiverState", "RepairNotice", "Status", "WireError", "encode", "encode_data_header", "is_unicast_host", "parse",
-    "parse_body", "parse_header",
+    "HEADER_SIZE", "MAX_BLOCK_SYMBOLS", "MAX_DATAGRAM", "MAX_MANIFEST_HASHES",
+    "MAX_NACK_ENTRIES", "MAX_SYMBOL_ID", "Announce", "Data", "Done", "End", "Flags", "Header",
+    "Manifest", "Nack", "Packet", "PacketType", "PeerAddress", "PeerRequest", "Peers",
+    "ReceiverState", "RepairNotice", "Status", "WireError", "encode", "encode_data_header",
+    "is_unicast_host", "parse", "parse_body", "parse_header",
 ]

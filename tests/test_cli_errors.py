@@ -240,3 +240,26 @@ def test_port_in_use(loopback_spec, tmp_path):
         assert not target.exists()
     finally:
         holder.close()
+
+
+#: Command lines a user may really type, with {spec} (a loopback session), {image} (a
+#: small file), {target} (a file that must stay unwritten) and {tmp} filled in; each
+#: must end in one line, with its exit code, and leave the target alone.
+@pytest.mark.parametrize("args, code, fragment", [
+    (["send", "--session", "{spec}", "--cache-dir", "{tmp}/cache", "http://u:pw@[::1/img"],
+     2, "cannot read image http://[::1/img: Invalid IPv6 URL"),
+    (["recv", "--session", "{spec}", "--origin", "http://[::1", "{target}"], 2,
+     "Invalid IPv6 URL"),
+    (["status", "--rack-head", "http://[::1"], 1, "is not a usable URL"),
+    (["status", "--rack-head", "http://127.0.0.1:abc"], 1, "nonnumeric port"),
+    (["session", "new", "--rack-head", "http://127.0.0.1:abc", "--image", "x"], 1,
+     "is not a usable URL"),
+])
+def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, args, code, fragment):
+    monkeypatch.setenv("MCASTDEPLOY_TOKEN", "t" * 32)
+    target = tmp_path / "target.raw"
+    places = {"spec": loopback_spec[1], "image": image, "target": str(target),
+              "tmp": str(tmp_path)}
+    returned, _, err = run(*(arg.format(**places) for arg in args))
+    assert_one_line_error(returned, err, code, fragment)
+    assert not target.exists()

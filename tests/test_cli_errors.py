@@ -8,6 +8,7 @@ import json
 import pytest
 
 from helpers import finish, mcastdeploy, write_random
+from http_objects import ObjectServer
 
 from mcastdeploy.spec import new_session
 
@@ -242,9 +243,24 @@ def test_port_in_use(loopback_spec, tmp_path):
         holder.close()
 
 
+#: What a "rack head" that is not one answers GET /v1/status with, by URL path prefix.
+NOT_A_RACK_HEAD = {
+    "/count/v1/status": b'{"sessions": 5}',
+    "/no-agents/v1/status": b'{"sessions": [{"session_id": "x"}]}',
+    "/text-budget/v1/status": b'{"sessions": [], "budget_bps": "lots"}',
+}
+
+
+@pytest.fixture(scope="module")
+def not_a_rack_head():
+    with ObjectServer(NOT_A_RACK_HEAD) as server:
+        yield server.url("")
+
+
 #: Command lines a user may really type, with {spec} (a loopback session), {image} (a
-#: small file), {target} (a file that must stay unwritten) and {tmp} filled in; each
-#: must end in one line, with its exit code, and leave the target alone.
+#: small file), {target} (a file that must stay unwritten), {tmp} and {head} (an HTTP
+#: server answering NOT_A_RACK_HEAD) filled in; each must end in one line, with its exit
+#: code, and leave the target alone.
 @pytest.mark.parametrize("args, code, fragment", [
     (["send", "--session", "{spec}", "--cache-dir", "{tmp}/cache", "http://u:pw@[::1/img"],
      2, "cannot read image http://[::1/img: Invalid IPv6 URL"),
@@ -254,12 +270,16 @@ def test_port_in_use(loopback_spec, tmp_path):
     (["status", "--rack-head", "http://127.0.0.1:abc"], 1, "nonnumeric port"),
     (["session", "new", "--rack-head", "http://127.0.0.1:abc", "--image", "x"], 1,
      "is not a usable URL"),
+    (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
+    (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
+    (["status", "--rack-head", "{head}/text-budget"], 1, "cannot show (TypeError"),
 ])
-def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, args, code, fragment):
+def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, not_a_rack_head,
+                          args, code, fragment):
     monkeypatch.setenv("MCASTDEPLOY_TOKEN", "t" * 32)
     target = tmp_path / "target.raw"
     places = {"spec": loopback_spec[1], "image": image, "target": str(target),
-              "tmp": str(tmp_path)}
+              "tmp": str(tmp_path), "head": not_a_rack_head}
     returned, _, err = run(*(arg.format(**places) for arg in args))
     assert_one_line_error(returned, err, code, fragment)
     assert not target.exists()

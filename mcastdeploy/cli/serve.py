@@ -115,7 +115,7 @@ def status(rack_head: str, token_file: Optional[str], watch: bool, interval: flo
         token = read_token(token_file)
         while True:
             data = fetch_status(rack_head, token)
-            text = json.dumps(data, sort_keys=True) if as_json else render_table(data)
+            text = json.dumps(data, sort_keys=True) if as_json else _table(rack_head, data)
             if watch and not as_json and sys.stdout.isatty():
                 click.clear()
             click.echo(text)
@@ -126,6 +126,16 @@ def status(rack_head: str, token_file: Optional[str], watch: bool, interval: flo
         raise CommandError(str(error), 1) from None
     except KeyboardInterrupt:
         return
+
+
+def _table(rack_head: str, data: dict) -> str:
+    """render_table, where a status of the wrong shape (another program on that port, a
+    different version) is the rack head's fault, told in one line."""
+    try:
+        return render_table(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ClientError(f"rack head {rack_head} answered a status this version cannot "
+                          f"show ({type(error).__name__}: {error}); try --json") from None
 
 
 def _rate(bps: float) -> str:

@@ -100,6 +100,28 @@ def test_bad_rate(loopback_spec, image, rate):
     assert code == 2 and "bad rate" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [
+    ["recv", "--session", "{spec}", "--timeout", "nan", "{target}"],
+    ["recv", "--session", "{spec}", "--timeout", "inf", "{target}"],
+    ["recv", "--session", "{spec}", "--seed-time", "nan", "{target}"],
+    ["send", "--session", "{spec}", "--wait", "nan", "{image}"],
+    ["send", "--session", "{spec}", "--linger", "nan", "{image}"],
+    ["session", "ironic", "--agent-timeout", "nan", "{spec}"],
+    ["session", "ironic", "--agent-seed-time", "nan", "{spec}"],
+    ["session", "new", "--ironic", "-o", "{target}", "--agent-timeout", "inf"],
+    ["serve", "--config", "{target}", "--gather", "nan"],
+    ["status", "--rack-head", "http://127.0.0.1:9", "--interval", "nan"],
+])
+def test_seconds_that_are_no_duration(loopback_spec, image, tmp_path, args):
+    """click's FloatRange lets NaN through: a NaN --timeout broke the event loop's select()
+    and a NaN --agent-timeout went into Ironic's JSON as a bare NaN."""
+    target = tmp_path / "target.raw"
+    places = {"spec": loopback_spec[1], "image": image, "target": str(target)}
+    code, out, err = run(*(arg.format(**places) for arg in args))
+    assert code == 2 and "is not a number of seconds" in err and "Traceback" not in err, err
+    assert out == "" and not target.exists()
+
+
 def test_target_smaller_than_pinned_image(tmp_path, image):
     spec = new_session(interface="lo", image_size=100_000)
     spec_path = tmp_path / "spec.json"

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import click
 
+from mcastdeploy.cli.params import Seconds
 from mcastdeploy.service.client import (ClientError, fetch_status, read_token,
                                         request_session)
 from mcastdeploy.spec import SessionSpec
@@ -42,9 +43,9 @@ def ask_rack_head(rack_head: str, image: str, agent: Optional[str],
               help="Where fetched images are cached.")
 @click.option("--image-dir", type=click.Path(file_okay=False),
               help="Agents may ask for files in this directory by name.")
-@click.option("--gather", type=click.FloatRange(0, 3600),
+@click.option("--gather", type=Seconds(0, 3600),
               help="Seconds a new session waits for more agents before it sends.")
-@click.option("--linger", type=click.FloatRange(0, 3600),
+@click.option("--linger", type=Seconds(0, 3600),
               help="A session ends when nobody asked for repair this long.")
 def serve(config_path: str, listen: Optional[str], interface: Optional[str],
           rate: Optional[str], state_dir: Optional[str], cache_dir: Optional[str],
@@ -103,7 +104,7 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
 @click.option("--rack-head", required=True, help="The daemon's URL, e.g. http://10.0.0.1:6780.")
 @_token_option
 @click.option("--watch", is_flag=True, help="Redraw the table until interrupted.")
-@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+@click.option("--interval", type=Seconds(0.2, 3600), default=2.0, show_default=True,
               help="Seconds between redraws with --watch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status(rack_head: str, token_file: Optional[str], watch: bool, interval: float,

@@ -4,6 +4,8 @@ and nothing is written where it should not be."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -202,6 +204,17 @@ def test_session_new_writes_private_spec(tmp_path, image):
     assert len(data["session_id"]) == 16 and len(data["image_sha256"]) == 64
 
 
+def test_session_new_writes_no_spec_over_a_device(tmp_path):
+    """-o /dev/full once replaced the device node with a regular file and exited 0; a FIFO
+    stands in for the device here (the test may not make device nodes)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run("session", "new", "-o", str(fifo))
+    assert_one_line_error(code, err, 2, f"cannot write session spec to {fifo}: not a regular")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and out == ""
+    assert os.listdir(tmp_path) == ["fifo"]
+
+
 @pytest.mark.parametrize("argv, fields", [
     (["--rate", "auto:2G"], {"rate_mode": "auto", "rate_bps": 2_000_000_000}),
     (["--proactive-repair", "auto"], {"proactive_mode": "auto", "proactive_repair": 1}),
@@ -292,6 +305,8 @@ def not_a_rack_head():
     (["status", "--rack-head", "http://127.0.0.1:abc"], 1, "nonnumeric port"),
     (["session", "new", "--rack-head", "http://127.0.0.1:abc", "--image", "x"], 1,
      "is not a usable URL"),
+    (["session", "new", "-o", "{tmp}/no/such/dir/s.json"], 2,
+     "cannot write session spec to {tmp}/no/such/dir/s.json: No such file or directory"),
     (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
     (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
     (["status", "--rack-head", "{head}/text-budget"], 1, "cannot show (TypeError"),
@@ -303,5 +318,5 @@ def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, not_a_rac
     places = {"spec": loopback_spec[1], "image": image, "target": str(target),
               "tmp": str(tmp_path), "head": not_a_rack_head}
     returned, _, err = run(*(arg.format(**places) for arg in args))
-    assert_one_line_error(returned, err, code, fragment)
+    assert_one_line_error(returned, err, code, fragment.format(**places))
     assert not target.exists()

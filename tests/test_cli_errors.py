@@ -293,9 +293,9 @@ def not_a_rack_head():
 
 
 #: Command lines a user may really type, with {spec} (a loopback session), {image} (a
-#: small file), {target} (a file that must stay unwritten), {tmp} and {head} (an HTTP
-#: server answering NOT_A_RACK_HEAD) filled in; each must end in one line, with its exit
-#: code, and leave the target alone.
+#: small file), {target} (a file that must stay unwritten), {tmp}, {head} (an HTTP
+#: server answering NOT_A_RACK_HEAD) and {config} (a daemon's config, fine in itself)
+#: filled in; each must end in one line, with its exit code, and leave the target alone.
 @pytest.mark.parametrize("args, code, fragment", [
     (["send", "--session", "{spec}", "--cache-dir", "{tmp}/cache", "http://u:pw@[::1/img"],
      2, "cannot read image http://[::1/img: Invalid IPv6 URL"),
@@ -307,6 +307,10 @@ def not_a_rack_head():
      "is not a usable URL"),
     (["session", "new", "-o", "{tmp}/no/such/dir/s.json"], 2,
      "cannot write session spec to {tmp}/no/such/dir/s.json: No such file or directory"),
+    (["serve", "--config", "{config}", "--interface", "nosuch0"], 2,
+     "no such interface: nosuch0"),
+    (["serve", "--config", "{config}", "--interface", "192.0.2.1"], 2,
+     "no interface has the address 192.0.2.1"),
     (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
     (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
     (["status", "--rack-head", "{head}/text-budget"], 1, "cannot show (TypeError"),
@@ -315,8 +319,12 @@ def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, not_a_rac
                           args, code, fragment):
     monkeypatch.setenv("MCASTDEPLOY_TOKEN", "t" * 32)
     target = tmp_path / "target.raw"
+    config = tmp_path / "serve.ini"  # a daemon's config that is fine but for the options
+    config.write_text(f"[serve]\ntoken = {'t' * 32}\nlisten = 127.0.0.1:9\n"
+                      f"state_dir = {tmp_path / 'state'}\n")
+    config.chmod(0o600)
     places = {"spec": loopback_spec[1], "image": image, "target": str(target),
-              "tmp": str(tmp_path), "head": not_a_rack_head}
+              "tmp": str(tmp_path), "head": not_a_rack_head, "config": str(config)}
     returned, _, err = run(*(arg.format(**places) for arg in args))
     assert_one_line_error(returned, err, code, fragment.format(**places))
     assert not target.exists()

@@ -52,6 +52,7 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
           image_dir: Optional[str], gather: Optional[float], linger: Optional[float]) -> None:
     """Run the rack-head daemon: sessions on demand over an authenticated HTTP API."""
     from mcastdeploy.cli.main import CommandError
+    from mcastdeploy.drivers.udp import NetworkError, resolve_interface
     from mcastdeploy.service import config as configuration
     from mcastdeploy.service import events
     from mcastdeploy.service.api import ApiServer
@@ -65,7 +66,8 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
             interface=interface, rate_bps=parse_rate(rate) if rate else None,
             state_dir=state_dir, cache_dir=cache_dir, image_dir=image_dir, gather=gather,
             linger=linger)
-    except (configuration.ConfigError, SpecError) as error:
+        resolve_interface(settings.interface)  # else every session fails, not the start
+    except (configuration.ConfigError, SpecError, NetworkError) as error:
         raise CommandError(str(error)) from None
     events.configure(sys.stderr)
     service = Daemon(settings)

@@ -311,6 +311,7 @@ def not_a_rack_head():
      "no such interface: nosuch0"),
     (["serve", "--config", "{config}", "--interface", "192.0.2.1"], 2,
      "no interface has the address 192.0.2.1"),
+    (["demo", "--size", "100000G", "--keep", "{tmp}/demo"], 1, "the demo needs"),
     (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
     (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
     (["status", "--rack-head", "{head}/text-budget"], 1, "cannot show (TypeError"),

@@ -143,6 +143,7 @@ ST_AUTH = http://swift.example/auth/v1.0
     (f"[serve]\ntoken = {TOKEN}\nlisten = nowhere\n", "listen"),
     (f"[serve]\ntoken = {TOKEN}\ngroups = 10.0.0.0/8\n", "multicast"),
     (f"[serve]\ntoken = {TOKEN}\ncolour = blue\n", "unknown key"),
+    (f"[serve]\ntoken = {TOKEN}\nallow_urls = maybe\n", "allow_urls must be true or false"),
     (f"[serve]\ntoken = {TOKEN}\n[extras]\n", "unknown config section"),
     (f"[serve]\ntoken = {TOKEN}\n[images]\nx = not-a-url\n", "URLs"),
     ("no section at all\n", "not a valid INI"),

@@ -185,6 +185,9 @@ def from_parser(parser: configparser.ConfigParser, base: str = ".") -> ServeConf
                 if not os.path.isfile(path):
                     raise ConfigError(f"{name} {path} is not a file")
         if "allow_urls" in serve:
+            if serve["allow_urls"].lower() not in parser.BOOLEAN_STATES:
+                raise ConfigError(f"allow_urls must be true or false, not "
+                                  f"{serve['allow_urls']!r}")
             settings["allow_urls"] = parser.getboolean("serve", "allow_urls")
         if "dir" in cache:
             settings["cache_dir"] = os.path.join(base, cache["dir"])

@@ -311,6 +311,8 @@ def not_a_rack_head():
      "no such interface: nosuch0"),
     (["serve", "--config", "{config}", "--interface", "192.0.2.1"], 2,
      "no interface has the address 192.0.2.1"),
+    (["status", "--rack-head", "http://127.0.0.1:9", "--token-file", "{image}"], 1,
+     "token file {image} is not UTF-8 text"),
     (["demo", "--size", "100000G", "--keep", "{tmp}/demo"], 1, "the demo needs"),
     (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
     (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),

@@ -157,6 +157,12 @@ def test_bad_config_is_one_line(tmp_path, text, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_binary_token_file_is_one_line(tmp_path):
+    (tmp_path / "token").write_bytes(b"\xff" * 32)
+    with pytest.raises(configuration.ConfigError, match="token is not UTF-8 text"):
+        configuration.load(write_config(tmp_path, "[serve]\ntoken_file = token\n"))
+
+
 def test_config_readable_by_others_is_refused(tmp_path):
     with pytest.raises(configuration.ConfigError, match="chmod 600"):
         configuration.load(write_config(tmp_path, f"[serve]\ntoken = {TOKEN}\n", 0o644))

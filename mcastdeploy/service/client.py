@@ -29,6 +29,8 @@ def read_token(token_file: Optional[str]) -> str:
         except OSError as error:
             raise ClientError(f"cannot read token file {token_file}: "
                               f"{error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ClientError(f"token file {token_file} is not UTF-8 text") from None
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:

@@ -224,6 +224,8 @@ def _token(serve: dict[str, str], base: str) -> str:
                 token = handle.read().strip()
         except OSError as error:
             raise ConfigError(f"cannot read token file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:  # e.g. token_file naming a key or a binary by mistake
+            raise ConfigError(f"token file {path} is not UTF-8 text") from None
     else:
         token = serve.get("token", "").strip()
     if len(token) < MIN_TOKEN_CHARS:

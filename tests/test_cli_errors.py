@@ -294,8 +294,9 @@ def not_a_rack_head():
 
 #: Command lines a user may really type, with {spec} (a loopback session), {image} (a
 #: small file), {target} (a file that must stay unwritten), {tmp}, {head} (an HTTP
-#: server answering NOT_A_RACK_HEAD) and {config} (a daemon's config, fine in itself)
-#: filled in; each must end in one line, with its exit code, and leave the target alone.
+#: server answering NOT_A_RACK_HEAD), {config} (a daemon's config, fine in itself) and
+#: {fifo} filled in; each must end in one line, with its exit code, and leave the target
+#: alone.
 @pytest.mark.parametrize("args, code, fragment", [
     (["send", "--session", "{spec}", "--cache-dir", "{tmp}/cache", "http://u:pw@[::1/img"],
      2, "cannot read image http://[::1/img: Invalid IPv6 URL"),
@@ -313,6 +314,10 @@ def not_a_rack_head():
      "no interface has the address 192.0.2.1"),
     (["status", "--rack-head", "http://127.0.0.1:9", "--token-file", "{image}"], 1,
      "token file {image} is not UTF-8 text"),
+    (["session", "new", "--image", "/dev/zero"], 2,
+     "image /dev/zero is neither a regular file nor a block device"),
+    (["session", "new", "--image", "{fifo}"], 2, "is neither a regular file"),
+    (["send", "--session", "{spec}", "{fifo}"], 2, "is neither a regular file"),
     (["demo", "--size", "100000G", "--keep", "{tmp}/demo"], 1, "the demo needs"),
     (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
     (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
@@ -327,7 +332,9 @@ def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, not_a_rac
                       f"state_dir = {tmp_path / 'state'}\n")
     config.chmod(0o600)
     places = {"spec": loopback_spec[1], "image": image, "target": str(target),
-              "tmp": str(tmp_path), "head": not_a_rack_head, "config": str(config)}
+              "tmp": str(tmp_path), "head": not_a_rack_head, "config": str(config),
+              "fifo": str(tmp_path / "fifo")}
+    os.mkfifo(places["fifo"])  # opening it for reading blocks until a writer comes
     returned, _, err = run(*(arg.format(**places) for arg in args))
     assert_one_line_error(returned, err, code, fragment.format(**places))
     assert not target.exists()

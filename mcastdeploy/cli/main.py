@@ -18,7 +18,7 @@ import click
 
 from mcastdeploy.cli.params import Seconds
 from mcastdeploy.cli.progress import MODES, ProgressDisplay
-from mcastdeploy.drivers.image_source import SourceError
+from mcastdeploy.drivers.image_source import SourceError, check_local_image
 from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_image import send_image
 from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote
@@ -315,6 +315,7 @@ def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
 
 
 def _measure(path: str) -> tuple[int, str]:
+    check_local_image(path)
     digest = hashlib.sha256()
     size = 0
     try:

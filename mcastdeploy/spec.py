@@ -204,9 +204,17 @@ class SessionSpec:
         return cls.from_dict(data)
 
     def save(self, path: str) -> None:
-        """Write atomically with mode 0600: later versions carry the session key in it."""
+        """Write atomically with mode 0600: later versions carry the session key in it.
+
+        Only a regular file is replaced: the rename would put a file where a device such as
+        /dev/full was, and report success for bytes that went nowhere."""
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise SpecError(f"cannot write session spec to {path}: not a regular file")
         temporary = f"{path}.tmp{os.getpid()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as error:
+            raise SpecError(f"cannot write session spec to {path}: {error.strerror}") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.to_json())

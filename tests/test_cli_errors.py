@@ -4,10 +4,13 @@ and nothing is written where it should not be."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from helpers import finish, mcastdeploy, write_random
+from http_objects import ObjectServer
 
 from mcastdeploy.spec import new_session
 
@@ -99,6 +102,28 @@ def test_bad_rate(loopback_spec, image, rate):
     assert code == 2 and "bad rate" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [
+    ["recv", "--session", "{spec}", "--timeout", "nan", "{target}"],
+    ["recv", "--session", "{spec}", "--timeout", "inf", "{target}"],
+    ["recv", "--session", "{spec}", "--seed-time", "nan", "{target}"],
+    ["send", "--session", "{spec}", "--wait", "nan", "{image}"],
+    ["send", "--session", "{spec}", "--linger", "nan", "{image}"],
+    ["session", "ironic", "--agent-timeout", "nan", "{spec}"],
+    ["session", "ironic", "--agent-seed-time", "nan", "{spec}"],
+    ["session", "new", "--ironic", "-o", "{target}", "--agent-timeout", "inf"],
+    ["serve", "--config", "{target}", "--gather", "nan"],
+    ["status", "--rack-head", "http://127.0.0.1:9", "--interval", "nan"],
+])
+def test_seconds_that_are_no_duration(loopback_spec, image, tmp_path, args):
+    """click's FloatRange lets NaN through: a NaN --timeout broke the event loop's select()
+    and a NaN --agent-timeout went into Ironic's JSON as a bare NaN."""
+    target = tmp_path / "target.raw"
+    places = {"spec": loopback_spec[1], "image": image, "target": str(target)}
+    code, out, err = run(*(arg.format(**places) for arg in args))
+    assert code == 2 and "is not a number of seconds" in err and "Traceback" not in err, err
+    assert out == "" and not target.exists()
+
+
 def test_target_smaller_than_pinned_image(tmp_path, image):
     spec = new_session(interface="lo", image_size=100_000)
     spec_path = tmp_path / "spec.json"
@@ -179,6 +204,17 @@ def test_session_new_writes_private_spec(tmp_path, image):
     assert len(data["session_id"]) == 16 and len(data["image_sha256"]) == 64
 
 
+def test_session_new_writes_no_spec_over_a_device(tmp_path):
+    """-o /dev/full once replaced the device node with a regular file and exited 0; a FIFO
+    stands in for the device here (the test may not make device nodes)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run("session", "new", "-o", str(fifo))
+    assert_one_line_error(code, err, 2, f"cannot write session spec to {fifo}: not a regular")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and out == ""
+    assert os.listdir(tmp_path) == ["fifo"]
+
+
 @pytest.mark.parametrize("argv, fields", [
     (["--rate", "auto:2G"], {"rate_mode": "auto", "rate_bps": 2_000_000_000}),
     (["--proactive-repair", "auto"], {"proactive_mode": "auto", "proactive_repair": 1}),
@@ -240,3 +276,65 @@ def test_port_in_use(loopback_spec, tmp_path):
         assert not target.exists()
     finally:
         holder.close()
+
+
+#: What a "rack head" that is not one answers GET /v1/status with, by URL path prefix.
+NOT_A_RACK_HEAD = {
+    "/count/v1/status": b'{"sessions": 5}',
+    "/no-agents/v1/status": b'{"sessions": [{"session_id": "x"}]}',
+    "/text-budget/v1/status": b'{"sessions": [], "budget_bps": "lots"}',
+}
+
+
+@pytest.fixture(scope="module")
+def not_a_rack_head():
+    with ObjectServer(NOT_A_RACK_HEAD) as server:
+        yield server.url("")
+
+
+#: Command lines a user may really type, with {spec} (a loopback session), {image} (a
+#: small file), {target} (a file that must stay unwritten), {tmp}, {head} (an HTTP
+#: server answering NOT_A_RACK_HEAD), {config} (a daemon's config, fine in itself) and
+#: {fifo} filled in; each must end in one line, with its exit code, and leave the target
+#: alone.
+@pytest.mark.parametrize("args, code, fragment", [
+    (["send", "--session", "{spec}", "--cache-dir", "{tmp}/cache", "http://u:pw@[::1/img"],
+     2, "cannot read image http://[::1/img: Invalid IPv6 URL"),
+    (["recv", "--session", "{spec}", "--origin", "http://[::1", "{target}"], 2,
+     "Invalid IPv6 URL"),
+    (["status", "--rack-head", "http://[::1"], 1, "is not a usable URL"),
+    (["status", "--rack-head", "http://127.0.0.1:abc"], 1, "nonnumeric port"),
+    (["session", "new", "--rack-head", "http://127.0.0.1:abc", "--image", "x"], 1,
+     "is not a usable URL"),
+    (["session", "new", "-o", "{tmp}/no/such/dir/s.json"], 2,
+     "cannot write session spec to {tmp}/no/such/dir/s.json: No such file or directory"),
+    (["serve", "--config", "{config}", "--interface", "nosuch0"], 2,
+     "no such interface: nosuch0"),
+    (["serve", "--config", "{config}", "--interface", "192.0.2.1"], 2,
+     "no interface has the address 192.0.2.1"),
+    (["status", "--rack-head", "http://127.0.0.1:9", "--token-file", "{image}"], 1,
+     "token file {image} is not UTF-8 text"),
+    (["session", "new", "--image", "/dev/zero"], 2,
+     "image /dev/zero is neither a regular file nor a block device"),
+    (["session", "new", "--image", "{fifo}"], 2, "is neither a regular file"),
+    (["send", "--session", "{spec}", "{fifo}"], 2, "is neither a regular file"),
+    (["demo", "--size", "100000G", "--keep", "{tmp}/demo"], 1, "the demo needs"),
+    (["status", "--rack-head", "{head}/count"], 1, "answered a status this version cannot"),
+    (["status", "--rack-head", "{head}/no-agents"], 1, "KeyError: 'agents'"),
+    (["status", "--rack-head", "{head}/text-budget"], 1, "cannot show (TypeError"),
+])
+def test_bad_command_line(loopback_spec, image, tmp_path, monkeypatch, not_a_rack_head,
+                          args, code, fragment):
+    monkeypatch.setenv("MCASTDEPLOY_TOKEN", "t" * 32)
+    target = tmp_path / "target.raw"
+    config = tmp_path / "serve.ini"  # a daemon's config that is fine but for the options
+    config.write_text(f"[serve]\ntoken = {'t' * 32}\nlisten = 127.0.0.1:9\n"
+                      f"state_dir = {tmp_path / 'state'}\n")
+    config.chmod(0o600)
+    places = {"spec": loopback_spec[1], "image": image, "target": str(target),
+              "tmp": str(tmp_path), "head": not_a_rack_head, "config": str(config),
+              "fifo": str(tmp_path / "fifo")}
+    os.mkfifo(places["fifo"])  # opening it for reading blocks until a writer comes
+    returned, _, err = run(*(arg.format(**places) for arg in args))
+    assert_one_line_error(returned, err, code, fragment.format(**places))
+    assert not target.exists()

@@ -50,7 +50,9 @@ def test_malformed_values_are_one_line_errors(stored, message):
 
 @pytest.mark.parametrize("option", [{"early_start": "yes"}, {"timeout": 0},
                                     {"deadline": -1}, {"interface": ""}, {"seed_time": -1},
-                                    {"seed_time": "60"}, {"seed_time": 7200}])
+                                    {"seed_time": "60"}, {"seed_time": 7200},
+                                    {"timeout": float("nan")}, {"deadline": float("inf")},
+                                    {"seed_time": float("nan")}])
 def test_bad_agent_options_are_refused(option):
     with pytest.raises(SpecError):
         IronicSpec.from_value({**value_of(new_session()), **option})

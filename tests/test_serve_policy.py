@@ -143,6 +143,7 @@ ST_AUTH = http://swift.example/auth/v1.0
     (f"[serve]\ntoken = {TOKEN}\nlisten = nowhere\n", "listen"),
     (f"[serve]\ntoken = {TOKEN}\ngroups = 10.0.0.0/8\n", "multicast"),
     (f"[serve]\ntoken = {TOKEN}\ncolour = blue\n", "unknown key"),
+    (f"[serve]\ntoken = {TOKEN}\nallow_urls = maybe\n", "allow_urls must be true or false"),
     (f"[serve]\ntoken = {TOKEN}\n[extras]\n", "unknown config section"),
     (f"[serve]\ntoken = {TOKEN}\n[images]\nx = not-a-url\n", "URLs"),
     ("no section at all\n", "not a valid INI"),
@@ -154,6 +155,12 @@ def test_bad_config_is_one_line(tmp_path, text, message):
     with pytest.raises(configuration.ConfigError) as error:
         configuration.load(write_config(tmp_path, text))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_binary_token_file_is_one_line(tmp_path):
+    (tmp_path / "token").write_bytes(b"\xff" * 32)
+    with pytest.raises(configuration.ConfigError, match="token is not UTF-8 text"):
+        configuration.load(write_config(tmp_path, "[serve]\ntoken_file = token\n"))
 
 
 def test_config_readable_by_others_is_refused(tmp_path):

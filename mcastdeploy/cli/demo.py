@@ -6,10 +6,12 @@ as an operator would, and checks every copy with its own SHA-256 at the end.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,6 +112,13 @@ def run_demo(*, receivers: int, size: int, rate_bps: int, keep: Optional[str]) -
 
 def _run(workdir: str, receivers: int, size: int, rate_bps: int) -> bool:
     echo = click.echo
+    # The image and every copy land in workdir: a typo like --size 1T would otherwise
+    # fill the disk (random bytes, written at full speed) before anything fails.
+    needed, free = size * (receivers + 1), shutil.disk_usage(workdir).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"the demo needs {needed / 2**20:.0f} MiB in {workdir} "
+                                    f"for the image and {receivers} copies; "
+                                    f"{free / 2**20:.0f} MiB are free")
     image = os.path.join(workdir, "image.raw")
     echo(f"Writing a random {size / 2**20:.0f} MiB image to {image} ...")
     image_sha = _write_random_image(image, size)

@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 
 import click
 
+from mcastdeploy.cli.params import Seconds
 from mcastdeploy.cli.progress import MODES, ProgressDisplay
-from mcastdeploy.drivers.image_source import SourceError
+from mcastdeploy.drivers.image_source import SourceError, check_local_image
 from mcastdeploy.drivers.recv_session import run_recv
 from mcastdeploy.drivers.send_image import send_image
 from mcastdeploy.drivers.sources import FetchError, ImageCache, is_remote
@@ -158,12 +159,12 @@ def _ironic_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
             click.option("--early-start", is_flag=True,
                          help="Agents start receiving at lookup, before the deploy step."),
-            click.option("--agent-timeout", type=click.FloatRange(min=1),
+            click.option("--agent-timeout", type=Seconds(min=1),
                          help="Agents fall back to HTTP after this many seconds without "
                               "the sender (default 60)."),
             click.option("--node-interface",
                          help="The nodes' NIC for the group (default: the kernel's route)."),
-            click.option("--agent-seed-time", type=click.FloatRange(min=0),
+            click.option("--agent-seed-time", type=Seconds(min=0),
                          help="Agents serve their image to stragglers for up to this many "
                               "seconds after theirs is verified, or until the sender ends "
                               "the session; the deploy step waits (default 0: no seeding)."),
@@ -314,6 +315,7 @@ def _from_rack_head(rack_head: str, image: Optional[str], agent: Optional[str],
 
 
 def _measure(path: str) -> tuple[int, str]:
+    check_local_image(path)
     digest = hashlib.sha256()
     size = 0
     try:
@@ -342,9 +344,9 @@ _progress_option = click.option("--progress", type=click.Choice(MODES), default=
 @_session_option
 @click.option("--min-receivers", type=click.IntRange(0), default=0, show_default=True,
               help="Start once this many receivers have joined.")
-@click.option("--wait", type=click.FloatRange(0), default=None,
+@click.option("--wait", type=Seconds(0), default=None,
               help="Start after this many seconds even if fewer receivers joined.")
-@click.option("--linger", type=click.FloatRange(0), default=5.0, show_default=True,
+@click.option("--linger", type=Seconds(0), default=5.0, show_default=True,
               help="After the pass, stop when nobody asked for repair this long.")
 @click.option("--copy", "copies", multiple=True, metavar="URL",
               help="Another URL (http, https, swift) holding the same image as the IMAGE "
@@ -388,12 +390,12 @@ def send(session_path: str, min_receivers: int, wait: Optional[float], linger: f
 
 @main.command()
 @_session_option
-@click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=Seconds(0.1), default=30.0, show_default=True,
               help="Give up when nothing comes from the sender for this many seconds.")
 @click.option("--resume", is_flag=True,
               help="The target may already hold part of the image (a restarted receiver): "
                    "check it block by block against the manifest and fetch only the rest.")
-@click.option("--seed-time", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--seed-time", type=Seconds(0), default=0.0, show_default=True,
               help="Serve the image to stragglers (peers that joined late or hear no "
                    "multicast) while receiving and this many seconds after finishing, or "
                    "until the sender ends the session; 0: do not seed.")

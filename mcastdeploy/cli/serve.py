@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import click
 
+from mcastdeploy.cli.params import Seconds
 from mcastdeploy.service.client import (ClientError, fetch_status, read_token,
                                         request_session)
 from mcastdeploy.spec import SessionSpec
@@ -42,15 +43,16 @@ def ask_rack_head(rack_head: str, image: str, agent: Optional[str],
               help="Where fetched images are cached.")
 @click.option("--image-dir", type=click.Path(file_okay=False),
               help="Agents may ask for files in this directory by name.")
-@click.option("--gather", type=click.FloatRange(0, 3600),
+@click.option("--gather", type=Seconds(0, 3600),
               help="Seconds a new session waits for more agents before it sends.")
-@click.option("--linger", type=click.FloatRange(0, 3600),
+@click.option("--linger", type=Seconds(0, 3600),
               help="A session ends when nobody asked for repair this long.")
 def serve(config_path: str, listen: Optional[str], interface: Optional[str],
           rate: Optional[str], state_dir: Optional[str], cache_dir: Optional[str],
           image_dir: Optional[str], gather: Optional[float], linger: Optional[float]) -> None:
     """Run the rack-head daemon: sessions on demand over an authenticated HTTP API."""
     from mcastdeploy.cli.main import CommandError
+    from mcastdeploy.drivers.udp import NetworkError, resolve_interface
     from mcastdeploy.service import config as configuration
     from mcastdeploy.service import events
     from mcastdeploy.service.api import ApiServer
@@ -64,7 +66,8 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
             interface=interface, rate_bps=parse_rate(rate) if rate else None,
             state_dir=state_dir, cache_dir=cache_dir, image_dir=image_dir, gather=gather,
             linger=linger)
-    except (configuration.ConfigError, SpecError) as error:
+        resolve_interface(settings.interface)  # else every session fails, not the start
+    except (configuration.ConfigError, SpecError, NetworkError) as error:
         raise CommandError(str(error)) from None
     events.configure(sys.stderr)
     service = Daemon(settings)
@@ -103,7 +106,7 @@ def serve(config_path: str, listen: Optional[str], interface: Optional[str],
 @click.option("--rack-head", required=True, help="The daemon's URL, e.g. http://10.0.0.1:6780.")
 @_token_option
 @click.option("--watch", is_flag=True, help="Redraw the table until interrupted.")
-@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+@click.option("--interval", type=Seconds(0.2, 3600), default=2.0, show_default=True,
               help="Seconds between redraws with --watch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status(rack_head: str, token_file: Optional[str], watch: bool, interval: float,
@@ -115,7 +118,7 @@ def status(rack_head: str, token_file: Optional[str], watch: bool, interval: flo
         token = read_token(token_file)
         while True:
             data = fetch_status(rack_head, token)
-            text = json.dumps(data, sort_keys=True) if as_json else render_table(data)
+            text = json.dumps(data, sort_keys=True) if as_json else _table(rack_head, data)
             if watch and not as_json and sys.stdout.isatty():
                 click.clear()
             click.echo(text)
@@ -126,6 +129,16 @@ def status(rack_head: str, token_file: Optional[str], watch: bool, interval: flo
         raise CommandError(str(error), 1) from None
     except KeyboardInterrupt:
         return
+
+
+def _table(rack_head: str, data: dict) -> str:
+    """render_table, where a status of the wrong shape (another program on that port, a
+    different version) is the rack head's fault, told in one line."""
+    try:
+        return render_table(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ClientError(f"rack head {rack_head} answered a status this version cannot "
+                          f"show ({type(error).__name__}: {error}); try --json") from None
 
 
 def _rate(bps: float) -> str:

@@ -16,6 +16,17 @@ class SourceError(OSError):
     """The image cannot be read."""
 
 
+def check_local_image(path: str) -> None:
+    """Refuse, before anything opens it, what is no image: opening a FIFO blocks until a
+    writer comes, and /dev/zero or a character device never ends."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise SourceError(f"cannot read image {path}: {error.strerror}") from None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        raise SourceError(f"image {path} is neither a regular file nor a block device")
+
+
 class LocalImage:
     """A local image, read block by block with ``pread`` so memory stays flat."""
 

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from mcastdeploy.drivers.growing_image import GrowingImage
+from mcastdeploy.drivers.image_source import check_local_image
 from mcastdeploy.drivers.send_session import (SendHooks, SendProgress, SendSummary,
                                               run_send, run_send_download)
 from mcastdeploy.drivers.sources import ImageCache, is_remote, readers_for
@@ -45,6 +46,7 @@ def send_image(spec: SessionSpec, image: str, *, copies: Sequence[str] = (),
     if not is_remote(image):
         if copies:
             raise ValueError("copies need the image to be a URL")
+        check_local_image(image)  # before is_qcow2 opens it
         with sendable(image, spec, cache) as path:  # raw as is; qcow2 via the cache
             return run_send(spec, path, **options)
     with GrowingImage(cache, image, readers_for([image, *copies], environ=environ),

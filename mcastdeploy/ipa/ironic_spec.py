@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -78,8 +79,8 @@ class IronicSpec:
             raise SpecError(f"{IRONIC_KEY} field 'early_start' must be true or false")
         for name in ("timeout", "deadline", "seed_time"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-                    or (value == 0 and name != "seed_time"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 <= value < math.inf or (value == 0 and name != "seed_time"):
                 raise SpecError(f"{IRONIC_KEY} field {name!r} must be a positive number "
                                 "of seconds")
         if self.seed_time >= self.deadline:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -28,6 +29,8 @@ def read_token(token_file: Optional[str]) -> str:
         except OSError as error:
             raise ClientError(f"cannot read token file {token_file}: "
                               f"{error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ClientError(f"token file {token_file} is not UTF-8 text") from None
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
@@ -41,12 +44,15 @@ def call(rack_head: str, token: str, method: str, path: str,
     if not rack_head.startswith(("http://", "https://")):
         raise ClientError(f"rack head {rack_head!r} is not an http(s):// URL")
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(rack_head.rstrip("/") + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
     try:
+        request = urllib.request.Request(rack_head.rstrip("/") + path, data=data,
+                                         method=method,
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.headers.get("Content-Type", ""), response.read()
+    except (ValueError, http.client.InvalidURL) as error:  # a URL urllib cannot parse
+        raise ClientError(f"rack head {rack_head!r} is not a usable URL: {error}") from None
     except urllib.error.HTTPError as error:
         try:
             reason = json.loads(error.read()).get("error", error.reason)

@@ -185,6 +185,9 @@ def from_parser(parser: configparser.ConfigParser, base: str = ".") -> ServeConf
                 if not os.path.isfile(path):
                     raise ConfigError(f"{name} {path} is not a file")
         if "allow_urls" in serve:
+            if serve["allow_urls"].lower() not in parser.BOOLEAN_STATES:
+                raise ConfigError(f"allow_urls must be true or false, not "
+                                  f"{serve['allow_urls']!r}")
             settings["allow_urls"] = parser.getboolean("serve", "allow_urls")
         if "dir" in cache:
             settings["cache_dir"] = os.path.join(base, cache["dir"])
@@ -221,6 +224,8 @@ def _token(serve: dict[str, str], base: str) -> str:
                 token = handle.read().strip()
         except OSError as error:
             raise ConfigError(f"cannot read token file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:  # e.g. token_file naming a key or a binary by mistake
+            raise ConfigError(f"token file {path} is not UTF-8 text") from None
     else:
         token = serve.get("token", "").strip()
     if len(token) < MIN_TOKEN_CHARS:

@@ -8,6 +8,7 @@ so the fetch and the cache never learn where bytes come from.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 from typing import Callable, Iterator, Optional, Protocol
@@ -71,7 +72,10 @@ def read_exactly(read: Callable[[int], bytes], length: int, *, name: str, what: 
 def display_url(image: str) -> str:
     """``image`` as it may be shown (logs, status, errors): a URL without its user info
     and query, which often carry credentials or a temp URL's signature."""
-    parts = urllib.parse.urlsplit(image)
+    try:
+        parts = urllib.parse.urlsplit(image)
+    except ValueError:  # e.g. an unclosed '[': still shown, still without credentials
+        return re.sub(r"//[^/]*@", "//", image.split("?", 1)[0])
     if not parts.scheme or not parts.netloc:
         return image  # a local path
     host = parts.netloc.rpartition("@")[2]

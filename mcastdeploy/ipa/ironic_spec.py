@@ -81,8 +81,9 @@ class IronicSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not 0 <= value < math.inf or (value == 0 and name != "seed_time"):
-                raise SpecError(f"{IRONIC_KEY} field {name!r} must be a positive number "
-                                "of seconds")
+                least = "0 or more" if name == "seed_time" else "more than 0"
+                raise SpecError(f"{IRONIC_KEY} field {name!r} must be a number of seconds, "
+                                f"{least}")
         if self.seed_time >= self.deadline:
             raise SpecError(f"{IRONIC_KEY} field 'seed_time' must be shorter than "
                             "'deadline', which it counts against")

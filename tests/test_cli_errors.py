@@ -90,10 +90,15 @@ def test_no_such_interface(loopback_spec, image, tmp_path, command):
 
 
 @pytest.mark.parametrize("command", ["send", "recv"])
-def test_group_that_is_not_multicast(loopback_spec, image, tmp_path, command):
+@pytest.mark.parametrize("group, message", [
+    ("192.0.2.1", "is not a multicast group"),
+    # Flooded to every port whatever IGMP snooping says: an image must not go there.
+    ("224.0.0.1", "every port of the switch"), ("239.128.0.7", "every port of the switch")])
+def test_group_that_is_no_sessions_group(loopback_spec, image, tmp_path, command, group,
+                                         message):
     last = image if command == "send" else str(tmp_path / "t.raw")
-    code, _, err = run(command, "--session", loopback_spec[1], "--group", "192.0.2.1", last)
-    assert_one_line_error(code, err, 2, "is not a multicast group")
+    code, _, err = run(command, "--session", loopback_spec[1], "--group", group, last)
+    assert_one_line_error(code, err, 2, message)
 
 
 @pytest.mark.parametrize("rate", ["fast", "auto:fast", "auto:0", "automatic"])

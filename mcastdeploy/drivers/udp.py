@@ -45,6 +45,14 @@ def resolve_interface(spec: Optional[str]) -> Interface:
     raise NetworkError(f"no interface has the address {spec}")
 
 
+#: Switches forward IPv4 multicast by MAC address, 01:00:5e plus the group's low 23 bits.
+MAC_BITS = 0x7FFFFF
+#: Low 23 bits of 224.0.0.0/24, the link-local control block: switches flood groups with
+#: these MACs (224.0.0.x, and every 239.0.0.x, 239.128.0.x ... that aliases them) to every
+#: port, whatever IGMP snooping says.
+FLOODED_MACS = range(0, 256)
+
+
 def check_group(group: str) -> str:
     try:
         address = ipaddress.IPv4Address(group)
@@ -52,6 +60,10 @@ def check_group(group: str) -> str:
         raise NetworkError(f"not an IPv4 address: {group!r}") from None
     if not address.is_multicast:
         raise NetworkError(f"{group} is not a multicast group (224.0.0.0/4)")
+    if int(address) & MAC_BITS in FLOODED_MACS:
+        raise NetworkError(f"{group} would reach every port of the switch whatever IGMP "
+                           "snooping says (its MAC is the link-local control block's); "
+                           "choose another, e.g. in 239.192.0.0/14")
     return str(address)
 
 

@@ -15,9 +15,8 @@ import ipaddress
 import random
 from typing import Iterable, Optional
 
-MAC_BITS = 0x7FFFFF
-#: Low 23 bits of 224.0.0.0/24, flooded by switches regardless of snooping.
-_FLOODED_MACS = range(0, 256)
+from mcastdeploy.drivers.udp import FLOODED_MACS, MAC_BITS
+
 #: Random tries before scanning the range in order (small ranges, nearly full).
 _TRIES = 64
 
@@ -54,7 +53,7 @@ def allocate(network: ipaddress.IPv4Network, in_use: Iterable[str],
 
     def usable(address: int) -> bool:
         mac = address & MAC_BITS
-        return mac not in taken and mac not in _FLOODED_MACS
+        return mac not in taken and mac not in FLOODED_MACS
 
     for _ in range(_TRIES):
         candidate = first + rng.randrange(size)

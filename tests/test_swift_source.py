@@ -1,14 +1,17 @@
 """swift:// images against a real OpenStack Swift on 127.0.0.1 (swift_fixture.py): plain
 objects and large objects fetched and verified, the command line end to end, a proxy that
-dies mid-download, and the bytes Swift itself says it sent (its proxy access log)."""
+dies mid-download, the bytes Swift itself says it sent (its proxy access log), and Keystone
+logins (fake_keystone.py) in front of it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from typing import Callable, Iterator
 
+import fake_keystone
 import pytest
 from helpers import finish, mcastdeploy, sha256_file, transfer
 from swift_fixture import LocalSwift, local_swift  # noqa: F401 (a fixture)
@@ -82,6 +85,44 @@ def test_objects_and_large_objects_are_fetched_whole(kind, local_swift,  # noqa:
         assert result.etag.startswith('"') and hashlib.md5(data).hexdigest() not in result.etag
     # Swift's own count: each byte left the proxy once (HEAD for the size sends none).
     assert local_swift.bytes_sent_for(CONTAINER, name, after=mark, at_least=size) == size
+
+
+def _keystone_settings(keystone: fake_keystone.FakeKeystone, how: str, tmp_path,
+                       password: str = fake_keystone.PASSWORD) -> dict:
+    """The environment a deployer gives: the OS_* variables, or a clouds.yaml cloud."""
+    auth = {"auth_url": f"{keystone.url}/v3", "username": fake_keystone.USER,
+            "password": password, "project_name": fake_keystone.PROJECT,
+            "user_domain_name": fake_keystone.DOMAIN,
+            "project_domain_name": fake_keystone.DOMAIN}
+    if how == "clouds.yaml":
+        path = tmp_path / "clouds.yaml"
+        path.write_text(json.dumps({"clouds": {"rack": {  # JSON is YAML
+            "auth": auth, "region_name": fake_keystone.REGION, "interface": "public"}}}))
+        return {"OS_CLOUD": "rack", "OS_CLIENT_CONFIG_FILE": str(path)}
+    return {f"OS_{name.upper()}": value for name, value in auth.items()} | {
+        "OS_REGION_NAME": fake_keystone.REGION}
+
+
+@pytest.mark.parametrize("how", ["OS_* variables", "clouds.yaml"])
+def test_keystone_v3_login_then_the_real_swift(local_swift, tmp_path, how):  # noqa: F811
+    """Keystone v3, the usual OpenStack way: openstacksdk's loader reads the settings,
+    keystoneauth logs in once (the threads share its token) and finds Swift in the
+    catalog, swiftclient reads the ranges from the real Swift."""
+    size = 3 * MIB + 99
+    data = payload(size, seed=31)
+    _upload(local_swift, "keystone.raw", data)
+    with fake_keystone.FakeKeystone(local_swift) as keystone:
+        environ = _keystone_settings(keystone, how, tmp_path)
+        reader = SwiftRangeReader(f"swift://{CONTAINER}/keystone.raw", environ=environ)
+        result = fetch([reader], str(tmp_path / "image"), connections=3, range_bytes=MIB,
+                       expected_sha256=hashlib.sha256(data).hexdigest())
+        assert result.sha256 == sha256_file(tmp_path / "image")
+        assert keystone.logins == 1
+
+        wrong = _keystone_settings(keystone, how, tmp_path, password="not-it")
+        with pytest.raises(ReadError, match="Keystone refused the credentials") as refused:
+            SwiftRangeReader(f"swift://{CONTAINER}/keystone.raw", environ=wrong).describe()
+        assert refused.value.permanent and keystone.refused >= 1
 
 
 def test_send_from_swift_then_from_the_cache(local_swift, tmp_path, loopback_spec,
@@ -208,15 +249,30 @@ def test_urls_and_credentials_from_the_environment():
         "OS_PASSWORD": "secret", "OS_PROJECT_NAME": "ironic",
         "OS_USER_DOMAIN_NAME": "Default", "OS_PROJECT_DOMAIN_NAME": "Default",
         "OS_REGION_NAME": "RegionOne", "OS_INTERFACE": "internal"})
-    assert (keystone.auth_url, keystone.user, keystone.key, keystone.auth_version) == (
-        "https://keystone.example:5000/v3", "deploy", "secret", "3")
-    assert keystone.os_options == {
-        "project_name": "ironic", "user_domain_name": "Default",
+    # For openstacksdk's loader, as the openstack command line hands them to it; the
+    # endpoint's choice for swiftclient.
+    assert keystone.keystone == {
+        "auth_url": "https://keystone.example:5000/v3", "username": "deploy",
+        "password": "secret", "project_name": "ironic", "user_domain_name": "Default",
         "project_domain_name": "Default", "region_name": "RegionOne",
-        "endpoint_type": "internal"}
+        "interface": "internal"}
+    assert keystone.os_options == {"region_name": "RegionOne", "endpoint_type": "internal"}
+    assert "secret" not in repr(keystone)
+    cloud = SwiftAuth.from_env({"OS_CLOUD": "rack", "OS_CLIENT_CONFIG_FILE": "/etc/c.yaml"})
+    assert (cloud.cloud, cloud.clouds_yaml, cloud.keystone) == ("rack", "/etc/c.yaml", {})
+    with pytest.raises(ValueError, match="OS_USERNAME or OS_PASSWORD"):
+        SwiftAuth.from_env({"OS_AUTH_URL": "https://keystone.example:5000/v3"})
     tempauth = SwiftAuth.from_env({"ST_AUTH": "http://127.0.0.1:8080/auth/v1.0",
                                    "ST_USER": "test:tester", "ST_KEY": "testing",
                                    "OS_AUTH_URL": "ignored"})
     assert (tempauth.auth_version, tempauth.user) == ("1.0", "test:tester")
     with pytest.raises(SourceError, match="ST_AUTH is set but"):
         readers_for(["swift://images/x"], environ={"ST_AUTH": "http://127.0.0.1:9/auth"})
+
+
+def test_keystone_without_openstacksdk_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openstack", None)  # as if not installed
+    reader = SwiftRangeReader("swift://images/x.raw", environ={"OS_CLOUD": "rack"})
+    with pytest.raises(ReadError, match=r"pip install 'mcastdeploy\[keystone\]'") as missing:
+        reader.describe()
+    assert missing.value.permanent

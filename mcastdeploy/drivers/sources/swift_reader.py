@@ -36,18 +36,41 @@ def parse_swift_url(url: str) -> tuple[str, str]:
     return urllib.parse.unquote(parts.netloc), obj
 
 
+#: OS_* variables handed to openstacksdk's config loader (as its ``openstack`` command
+#: line does), by the option name it takes.
+_KEYSTONE_VARIABLES = {
+    "auth_url": ("OS_AUTH_URL",), "auth_type": ("OS_AUTH_TYPE",),
+    "username": ("OS_USERNAME",), "user_id": ("OS_USER_ID",), "password": ("OS_PASSWORD",),
+    "project_name": ("OS_PROJECT_NAME", "OS_TENANT_NAME"),
+    "project_id": ("OS_PROJECT_ID", "OS_TENANT_ID"),
+    "user_domain_name": ("OS_USER_DOMAIN_NAME",), "user_domain_id": ("OS_USER_DOMAIN_ID",),
+    "project_domain_name": ("OS_PROJECT_DOMAIN_NAME",),
+    "project_domain_id": ("OS_PROJECT_DOMAIN_ID",),
+    "region_name": ("OS_REGION_NAME",), "interface": ("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
+    "identity_api_version": ("OS_IDENTITY_API_VERSION", "OS_AUTH_VERSION"),
+    "cacert": ("OS_CACERT",),
+}
+
+
 @dataclass(frozen=True)
 class SwiftAuth:
-    """How to log in, taken from the environment as the ``swift`` command line does:
-    ``ST_AUTH``/``ST_USER``/``ST_KEY`` for v1 (tempauth, swauth) or ``OS_*`` for Keystone."""
+    """How to log in, taken from the environment as the ``swift`` and ``openstack`` command
+    lines do: ``ST_AUTH``/``ST_USER``/``ST_KEY`` for v1 (tempauth, swauth); for Keystone,
+    ``OS_CLOUD`` (a cloud of clouds.yaml) or the ``OS_*`` variables, read by openstacksdk's
+    own config loader; or ``OS_STORAGE_URL`` with ``OS_AUTH_TOKEN``."""
 
     auth_url: Optional[str]
     user: Optional[str]
-    key: Optional[str]
+    key: Optional[str] = field(repr=False)
     auth_version: str
-    os_options: dict = field(default_factory=dict)
+    os_options: dict = field(default_factory=dict, repr=False)
     cacert: Optional[str] = None
     insecure: bool = False
+    #: Keystone: the options for openstacksdk's loader (OS_* without the prefix), the
+    #: clouds.yaml cloud by name, and the clouds.yaml to read (None: its usual places).
+    keystone: Optional[dict] = field(default=None, repr=False)
+    cloud: Optional[str] = None
+    clouds_yaml: Optional[str] = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "SwiftAuth":
@@ -60,36 +83,47 @@ class SwiftAuth:
                 raise ValueError("ST_AUTH is set but ST_USER or ST_KEY is not")
             return cls(get("ST_AUTH"), get("ST_USER"), get("ST_KEY"),
                        get("ST_AUTH_VERSION") or "1.0", {}, cacert, insecure)
-        options = {
-            "user_domain_name": get("OS_USER_DOMAIN_NAME"),
-            "user_domain_id": get("OS_USER_DOMAIN_ID"),
-            "project_name": get("OS_PROJECT_NAME") or get("OS_TENANT_NAME"),
-            "project_id": get("OS_PROJECT_ID") or get("OS_TENANT_ID"),
-            "project_domain_name": get("OS_PROJECT_DOMAIN_NAME"),
-            "project_domain_id": get("OS_PROJECT_DOMAIN_ID"),
-            "region_name": get("OS_REGION_NAME"),
-            "endpoint_type": get("OS_INTERFACE") or get("OS_ENDPOINT_TYPE"),
-            "service_type": get("OS_SERVICE_TYPE"),
-            "object_storage_url": get("OS_STORAGE_URL"),
-            "auth_token": get("OS_AUTH_TOKEN"),
-        }
-        options = {name: value for name, value in options.items() if value}
-        if get("OS_AUTH_URL"):
-            if not (get("OS_USERNAME") or get("OS_USER_ID")) or not get("OS_PASSWORD"):
-                if not options.get("auth_token"):
-                    raise ValueError("OS_AUTH_URL is set but OS_USERNAME or OS_PASSWORD "
-                                     "is not")
-            if get("OS_USER_ID"):
-                options["user_id"] = get("OS_USER_ID")
-            version = get("OS_AUTH_VERSION") or get("OS_IDENTITY_API_VERSION") or "3"
-            return cls(get("OS_AUTH_URL"), get("OS_USERNAME"), get("OS_PASSWORD"),
-                       version, options, cacert, insecure)
-        if options.get("object_storage_url") and options.get("auth_token"):
-            return cls(None, None, None, "3", options, cacert, insecure)  # pre-authenticated
+        # Which endpoint of the catalog: swiftclient asks the session with these.
+        endpoint = {"region_name": get("OS_REGION_NAME"),
+                    "endpoint_type": get("OS_INTERFACE") or get("OS_ENDPOINT_TYPE"),
+                    "service_type": get("OS_SERVICE_TYPE"),
+                    "object_storage_url": get("OS_STORAGE_URL")}
+        endpoint = {name: value for name, value in endpoint.items() if value}
+        if get("OS_CLOUD") or get("OS_AUTH_URL"):
+            if not get("OS_CLOUD") and not (
+                    (get("OS_USERNAME") or get("OS_USER_ID")) and get("OS_PASSWORD")):
+                raise ValueError("OS_AUTH_URL is set but OS_USERNAME or OS_PASSWORD is not")
+            options = {option: value for option, names in _KEYSTONE_VARIABLES.items()
+                       if (value := next(filter(None, map(get, names)), None))}
+            return cls(get("OS_AUTH_URL"), get("OS_USERNAME") or get("OS_USER_ID"), None,
+                       "3", endpoint, cacert, insecure, keystone=options,
+                       cloud=get("OS_CLOUD"), clouds_yaml=get("OS_CLIENT_CONFIG_FILE"))
+        if get("OS_STORAGE_URL") and get("OS_AUTH_TOKEN"):  # pre-authenticated
+            return cls(None, None, None, "3", {**endpoint, "auth_token": get("OS_AUTH_TOKEN")},
+                       cacert, insecure)
         raise ValueError("no Swift credentials: set ST_AUTH, ST_USER and ST_KEY (v1 auth), "
-                         "or OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME and the "
-                         "domain variables (Keystone v3), or OS_STORAGE_URL and "
-                         "OS_AUTH_TOKEN")
+                         "or OS_CLOUD (clouds.yaml), or OS_AUTH_URL, OS_USERNAME, "
+                         "OS_PASSWORD, OS_PROJECT_NAME and the domain variables (Keystone "
+                         "v3), or OS_STORAGE_URL and OS_AUTH_TOKEN")
+
+    def keystone_session(self) -> Any:
+        """A keystoneauth session for these credentials, by openstacksdk's config loader
+        (clouds.yaml, secure.yaml, auth types, the OS_* names): it logs in once, renews
+        the token before it expires, and swiftclient takes the object-store endpoint from
+        its catalog. Raises ValueError (one line) when it cannot be made."""
+        assert self.keystone is not None
+        try:
+            from openstack import config, exceptions
+        except ImportError:
+            raise ValueError("Keystone credentials need openstacksdk: pip install "
+                             "'mcastdeploy[keystone]'") from None
+        try:
+            loader = config.OpenStackConfig(
+                config_files=[self.clouds_yaml] if self.clouds_yaml else None,
+                load_envvars=False, load_yaml_config=self.cloud is not None)
+            return loader.get_one(cloud=self.cloud, **self.keystone).get_session()
+        except (exceptions.SDKException, KeyError, ValueError) as error:
+            raise ValueError(f"Keystone settings: {error}") from None
 
 
 class SwiftRangeReader:
@@ -114,6 +148,7 @@ class SwiftRangeReader:
             self.auth.os_options.get("auth_token"))
         self._size: Optional[int] = None
         self._etag: Optional[str] = None
+        self._session: Any = None  # Keystone's, shared by the threads' connections
 
     def describe(self) -> tuple[int, Optional[str]]:
         """Size and ETag from a HEAD. For a large object the proxy answers with the whole
@@ -161,9 +196,21 @@ class SwiftRangeReader:
                 auth.auth_url, auth.user, auth.key, retries=0, preauthurl=url,
                 preauthtoken=token, os_options=dict(auth.os_options),
                 auth_version=auth.auth_version, cacert=auth.cacert, insecure=auth.insecure,
-                timeout=self.timeout, retry_on_ratelimit=False)
+                timeout=self.timeout, retry_on_ratelimit=False,
+                session=self._keystone_session())
             self._local.connection = connection
         return connection
+
+    def _keystone_session(self) -> Any:
+        if self.auth.keystone is None:
+            return None
+        with self._token_lock:
+            if self._session is None:
+                try:
+                    self._session = self.auth.keystone_session()
+                except ValueError as error:
+                    raise ReadError(f"{self.name}: {error}", permanent=True) from None
+            return self._session
 
     def _drop(self) -> None:
         """Forget this thread's connection: after an error it is in an unknown state."""
@@ -185,6 +232,8 @@ class SwiftRangeReader:
             raise self._client_error(error, what) from None
         except Exception as error:  # requests/urllib3/socket errors: no answer at all
             self._drop()
+            if type(error).__module__.startswith("keystoneauth1"):  # logging in failed
+                raise _keystone_error(self.name, error, what) from None
             raise ReadError(f"{self.name}: {self._reason(error)} ({what})",
                             unreachable=_refused(error)) from None
         with self._token_lock:  # share a token obtained (or renewed) by this connection
@@ -254,3 +303,20 @@ def _refused(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _keystone_error(name: str, error: Exception, what: str) -> ReadError:
+    """Logging in to Keystone failed: wrong credentials or no object-store in the catalog
+    are lasting; Keystone unreachable is for the retry policy."""
+    from keystoneauth1 import exceptions as keystone
+
+    if isinstance(error, keystone.Unauthorized):
+        return ReadError(f"{name}: Keystone refused the credentials (HTTP 401): check the "
+                         "OS_* settings or the clouds.yaml cloud", permanent=True)
+    if isinstance(error, keystone.EndpointNotFound):
+        return ReadError(f"{name}: Keystone's catalog has no object-store endpoint for "
+                         f"these settings ({error})", permanent=True)
+    if isinstance(error, (keystone.ConnectFailure, keystone.ConnectTimeout)):
+        return ReadError(f"{name}: Keystone unreachable: {error} ({what})", unreachable=True)
+    lasting = isinstance(error, keystone.HttpError) and 400 <= (error.http_status or 0) < 500
+    return ReadError(f"{name}: Keystone: {error} ({what})", permanent=lasting)

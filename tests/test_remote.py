@@ -225,6 +225,27 @@ def test_a_checksum_mismatch_keeps_nothing(tmp_path):
     assert_no_leftovers(dest)
 
 
+def test_an_unpinned_image_is_checked_against_a_bare_md5_etag(tmp_path):
+    """Swift sends a plain object's ETag bare: its bytes' MD5. Without a pinned SHA-256 it
+    is the content's one check, and bytes that do not match it are not kept; a quoted ETag
+    (a large object's, most servers') is no digest and only names the version."""
+    data = payload(4 * RANGE)
+    with ObjectServer({"/img": data}) as server:
+        server.etag = lambda path: hashlib.md5(server.objects[path]).hexdigest()  # Swift's
+        result = fetch([HttpRangeReader(server.url())], str(tmp_path / "good"),
+                       range_bytes=RANGE)
+        assert result.etag == hashlib.md5(data).hexdigest()
+        assert (tmp_path / "good").read_bytes() == data
+        server.etag = lambda path: hashlib.md5(b"another image").hexdigest()
+        with pytest.raises(ChecksumMismatch, match="ETag says"):
+            fetch([HttpRangeReader(server.url())], str(tmp_path / "bad"), range_bytes=RANGE)
+        assert_no_leftovers(tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+        # Pinned: the SHA-256 decides, the ETag is not read as a digest.
+        fetch([HttpRangeReader(server.url())], str(tmp_path / "pinned"), range_bytes=RANGE,
+              expected_sha256=hashlib.sha256(data).hexdigest())
+
+
 def test_a_missing_object_is_not_retried(tmp_path):
     with ObjectServer({}) as server:
         with pytest.raises(FetchError, match="HTTP 404"):

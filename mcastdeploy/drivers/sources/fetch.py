@@ -148,11 +148,18 @@ def fetch(readers: Sequence[RangeReader], dest_path: str, *, connections: int = 
             raise FetchError(f"cannot prepare {part}: {error.strerror}") from None
         transfer = _Transfer(fd, part, size, range_bytes, copies, log, done, stop,
                              on_hashed)
-        digest = transfer.run(connections)
+        # Without a pinned SHA-256, a plain Swift object's ETag (its bytes' MD5) is the one
+        # check of the content there is; a pin makes the MD5 pass needless.
+        etag_md5 = etag if expected is None and _is_content_md5(etag) else None
+        digest, md5 = transfer.run(connections, md5=etag_md5 is not None)
         if expected is not None and digest != expected:
             _remove(part, state_path(dest_path))
             raise ChecksumMismatch(f"{copies.name} has SHA-256 {digest}, expected {expected}; "
                                    "nothing was kept")
+        if etag_md5 is not None and md5 != etag_md5:
+            _remove(part, state_path(dest_path))
+            raise ChecksumMismatch(f"{copies.name}: the bytes fetched have MD5 {md5}, its "
+                                   f"ETag says {etag_md5}; nothing was kept")
         try:
             if os.fstat(fd).st_size != size:
                 raise FetchError(f"{part} is not {size} bytes after the fetch")
@@ -366,16 +373,18 @@ class _Transfer:
         #: Range -> bytes written contiguously from its start, while it is being fetched.
         self._written: dict[int, int] = {}
 
-    def run(self, connections: int) -> str:
-        """Fetch every missing range; returns the SHA-256 (hex) of the whole file."""
+    def run(self, connections: int, md5: bool = False) -> tuple[str, Optional[str]]:
+        """Fetch every missing range; returns the SHA-256 (hex) of the whole file, and its
+        MD5 if asked for."""
         workers = min(connections, max(1, self._count - len(self._done)))
         digest = hashlib.sha256()
+        digests = [digest, hashlib.md5(usedforsecurity=False)] if md5 else [digest]
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
                 for _ in range(workers):
                     pool.submit(self._work)
                 try:
-                    self._digest_in_order(digest)
+                    self._digest_in_order(digests)
                 finally:
                     self._stop.set()  # stops the connections if the digest ended early
         finally:
@@ -384,13 +393,13 @@ class _Transfer:
             raise self._errors[0]
         if len(self._done) != self._count:
             raise FetchError(f"the fetch of {self._copies.name} stopped before its end")
-        return digest.hexdigest()
+        return digest.hexdigest(), digests[1].hexdigest() if md5 else None
 
     def _range(self, index: int) -> tuple[int, int]:
         start = index * self._range_bytes
         return start, min(self._size, start + self._range_bytes)
 
-    def _digest_in_order(self, digest: "hashlib._Hash") -> None:
+    def _digest_in_order(self, digests: "list[hashlib._Hash]") -> None:
         """Hash the file front to back as it fills: within a range too, as far as its
         connection has written, so that ``on_hashed`` moves every megabyte or so rather
         than once a range (8 MB, the first of them arriving last of all at a slow start)."""
@@ -412,7 +421,8 @@ class _Transfer:
                                          f"{error.strerror}") from None
                     if not data:
                         raise FetchError(f"{self._part} shrank while being fetched")
-                    digest.update(data)
+                    for digest in digests:
+                        digest.update(data)
                     offset += len(data)
                     if self._on_hashed is not None:
                         self._on_hashed(offset)
@@ -491,6 +501,12 @@ def _close(chunks: Iterator[bytes]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
         close()
+
+
+def _is_content_md5(etag: Optional[str]) -> bool:
+    """A bare 32-hex-digit ETag: Swift's for a plain object, the MD5 of its bytes. (A large
+    object's, and the usual HTTP server's, are quoted and are no digest of the bytes.)"""
+    return etag is not None and len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
 
 
 def _remove(*paths: str) -> None:

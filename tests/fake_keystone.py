@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 USER, PASSWORD, PROJECT, DOMAIN = "deploy", "s3cret-pw", "ironic", "Default"
 REGION = "RegionOne"
+DEAD = "http://127.0.0.1:9/v1/AUTH_nobody"  # the discard port: nothing listens
 
 
 class FakeKeystone:
-    def __init__(self, swift: Any) -> None:
+    def __init__(self, swift: Any, token_life: float = 86400.0) -> None:
         self.swift = swift
+        #: Seconds each token it issues lives (as the token says: keystoneauth renews it
+        #: ahead of its expiry; the tempauth token behind it lives on).
+        self.token_life = token_life
         self.logins = 0  # successful password logins
         self.refused = 0
         self._server: Optional[ThreadingHTTPServer] = None
@@ -56,15 +61,25 @@ class FakeKeystone:
     def token(self, storage_url: str) -> dict:
         domain = {"id": "default", "name": DOMAIN}
         return {"token": {
-            "methods": ["password"], "issued_at": "2026-01-01T00:00:00.000000Z",
-            "expires_at": "2099-01-01T00:00:00.000000Z",
+            "methods": ["password"], "issued_at": _stamp(time.time()),
+            "expires_at": _stamp(time.time() + self.token_life),
             "user": {"id": "u-deploy", "name": USER, "domain": domain},
             "project": {"id": "p-ironic", "name": PROJECT, "domain": domain},
             "roles": [{"id": "r-member", "name": "member"}],
+            # Only the public endpoint of REGION works: a client must pick it by the
+            # settings' region and interface, not take the first one listed.
             "catalog": [{"type": "object-store", "name": "swift", "id": "s-swift",
-                         "endpoints": [{"id": "e-public", "interface": "public",
-                                        "region": REGION, "region_id": REGION,
-                                        "url": storage_url}]}]}}
+                         "endpoints": [
+                             {"id": "e-other", "interface": "public", "region": "RegionZero",
+                              "region_id": "RegionZero", "url": DEAD},
+                             {"id": "e-internal", "interface": "internal", "region": REGION,
+                              "region_id": REGION, "url": DEAD},
+                             {"id": "e-public", "interface": "public", "region": REGION,
+                              "region_id": REGION, "url": storage_url}]}]}}
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(seconds))
 
 
 class _Handler(BaseHTTPRequestHandler):

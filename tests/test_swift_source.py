@@ -119,6 +119,16 @@ def test_keystone_v3_login_then_the_real_swift(local_swift, tmp_path, how):  # n
         assert result.sha256 == sha256_file(tmp_path / "image")
         assert keystone.logins == 1
 
+        # Tokens about to expire are renewed through the shared session, not kept by each
+        # connection until Swift refuses them mid-fetch.
+        keystone.token_life = 60.0  # within keystoneauth's margin: renewed at every call
+        reader = SwiftRangeReader(f"swift://{CONTAINER}/keystone.raw", environ=environ)
+        reader.describe()
+        before = keystone.logins
+        for start in range(0, 3 * MIB, MIB):  # one connection, three calls
+            assert b"".join(reader.read_range(start, start + 10)) == data[start:start + 10]
+        assert keystone.logins - before >= 3  # each call asked the session, which renewed
+
         wrong = _keystone_settings(keystone, how, tmp_path, password="not-it")
         with pytest.raises(ReadError, match="Keystone refused the credentials") as refused:
             SwiftRangeReader(f"swift://{CONTAINER}/keystone.raw", environ=wrong).describe()
@@ -262,12 +272,37 @@ def test_urls_and_credentials_from_the_environment():
     assert (cloud.cloud, cloud.clouds_yaml, cloud.keystone) == ("rack", "/etc/c.yaml", {})
     with pytest.raises(ValueError, match="OS_USERNAME or OS_PASSWORD"):
         SwiftAuth.from_env({"OS_AUTH_URL": "https://keystone.example:5000/v3"})
+    # Logged in already (as the swift command line takes it), even beside an openrc's.
+    ready = SwiftAuth.from_env({"OS_AUTH_URL": "https://keystone.example:5000/v3",
+                                "OS_STORAGE_URL": "https://swift.example/v1/AUTH_p",
+                                "OS_AUTH_TOKEN": "tok"})
+    assert ready.keystone is None and ready.os_options["auth_token"] == "tok"
+    # Application credentials need no user name nor password.
+    application = SwiftAuth.from_env({
+        "OS_AUTH_URL": "https://keystone.example:5000/v3",
+        "OS_AUTH_TYPE": "v3applicationcredential", "OS_APPLICATION_CREDENTIAL_ID": "id",
+        "OS_APPLICATION_CREDENTIAL_SECRET": "secret"})
+    assert application.keystone["application_credential_secret"] == "secret"
     tempauth = SwiftAuth.from_env({"ST_AUTH": "http://127.0.0.1:8080/auth/v1.0",
                                    "ST_USER": "test:tester", "ST_KEY": "testing",
                                    "OS_AUTH_URL": "ignored"})
     assert (tempauth.auth_version, tempauth.user) == ("1.0", "test:tester")
     with pytest.raises(SourceError, match="ST_AUTH is set but"):
         readers_for(["swift://images/x"], environ={"ST_AUTH": "http://127.0.0.1:9/auth"})
+
+
+@pytest.mark.parametrize("cloud, message", [
+    ({"auth": {"username": "u", "password": "p"}}, "Keystone settings"),  # no auth_url
+    ({"auth_type": "v3bogus", "auth": {"auth_url": "http://127.0.0.1:9/v3"}},
+     "Keystone settings")])
+def test_unusable_keystone_settings_are_one_lasting_error(tmp_path, cloud, message):
+    path = tmp_path / "clouds.yaml"
+    path.write_text(json.dumps({"clouds": {"rack": cloud}}))
+    reader = SwiftRangeReader("swift://images/x.raw", environ={
+        "OS_CLOUD": "rack", "OS_CLIENT_CONFIG_FILE": str(path)})
+    with pytest.raises(ReadError, match=message) as refused:
+        reader.describe()
+    assert refused.value.permanent and "\n" not in str(refused.value)
 
 
 def test_keystone_without_openstacksdk_says_what_to_install(monkeypatch):

@@ -10,6 +10,7 @@ sends it (an http(s) temp URL of the same object then agrees) and comparisons ig
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import socket
 import threading
@@ -49,7 +50,23 @@ _KEYSTONE_VARIABLES = {
     "region_name": ("OS_REGION_NAME",), "interface": ("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
     "identity_api_version": ("OS_IDENTITY_API_VERSION", "OS_AUTH_VERSION"),
     "cacert": ("OS_CACERT",),
+    "application_credential_id": ("OS_APPLICATION_CREDENTIAL_ID",),
+    "application_credential_name": ("OS_APPLICATION_CREDENTIAL_NAME",),
+    "application_credential_secret": ("OS_APPLICATION_CREDENTIAL_SECRET",),
+    "token": ("OS_TOKEN",),
 }
+
+
+@dataclass(frozen=True)
+class KeystoneLogin:
+    """A keystoneauth session (one login, shared by the threads, renewed before its token
+    expires) and how swiftclient finds Swift with it: the catalog's object-store endpoint
+    of the cloud's region and interface, and the cloud's TLS settings for Swift too."""
+
+    session: Any
+    os_options: dict
+    cacert: Optional[str]
+    insecure: bool
 
 
 @dataclass(frozen=True)
@@ -83,14 +100,17 @@ class SwiftAuth:
                 raise ValueError("ST_AUTH is set but ST_USER or ST_KEY is not")
             return cls(get("ST_AUTH"), get("ST_USER"), get("ST_KEY"),
                        get("ST_AUTH_VERSION") or "1.0", {}, cacert, insecure)
-        # Which endpoint of the catalog: swiftclient asks the session with these.
         endpoint = {"region_name": get("OS_REGION_NAME"),
                     "endpoint_type": get("OS_INTERFACE") or get("OS_ENDPOINT_TYPE"),
                     "service_type": get("OS_SERVICE_TYPE"),
                     "object_storage_url": get("OS_STORAGE_URL")}
         endpoint = {name: value for name, value in endpoint.items() if value}
+        if get("OS_STORAGE_URL") and get("OS_AUTH_TOKEN"):  # logged in already: as `swift`
+            return cls(None, None, None, "3", {**endpoint, "auth_token": get("OS_AUTH_TOKEN")},
+                       cacert, insecure)
         if get("OS_CLOUD") or get("OS_AUTH_URL"):
-            if not get("OS_CLOUD") and not (
+            password = (get("OS_AUTH_TYPE") or "password").endswith("password")
+            if password and not get("OS_CLOUD") and not (
                     (get("OS_USERNAME") or get("OS_USER_ID")) and get("OS_PASSWORD")):
                 raise ValueError("OS_AUTH_URL is set but OS_USERNAME or OS_PASSWORD is not")
             options = {option: value for option, names in _KEYSTONE_VARIABLES.items()
@@ -98,32 +118,41 @@ class SwiftAuth:
             return cls(get("OS_AUTH_URL"), get("OS_USERNAME") or get("OS_USER_ID"), None,
                        "3", endpoint, cacert, insecure, keystone=options,
                        cloud=get("OS_CLOUD"), clouds_yaml=get("OS_CLIENT_CONFIG_FILE"))
-        if get("OS_STORAGE_URL") and get("OS_AUTH_TOKEN"):  # pre-authenticated
-            return cls(None, None, None, "3", {**endpoint, "auth_token": get("OS_AUTH_TOKEN")},
-                       cacert, insecure)
         raise ValueError("no Swift credentials: set ST_AUTH, ST_USER and ST_KEY (v1 auth), "
                          "or OS_CLOUD (clouds.yaml), or OS_AUTH_URL, OS_USERNAME, "
                          "OS_PASSWORD, OS_PROJECT_NAME and the domain variables (Keystone "
                          "v3), or OS_STORAGE_URL and OS_AUTH_TOKEN")
 
-    def keystone_session(self) -> Any:
-        """A keystoneauth session for these credentials, by openstacksdk's config loader
-        (clouds.yaml, secure.yaml, auth types, the OS_* names): it logs in once, renews
-        the token before it expires, and swiftclient takes the object-store endpoint from
-        its catalog. Raises ValueError (one line) when it cannot be made."""
+    def keystone_login(self) -> KeystoneLogin:
+        """The Keystone login for these settings, by openstacksdk's config loader
+        (clouds.yaml, secure.yaml, auth types, the OS_* names). Raises ValueError (one
+        line) when the settings cannot make one; logging in itself happens at first use."""
         assert self.keystone is not None
         try:
+            from keystoneauth1 import exceptions as keystone
             from openstack import config, exceptions
         except ImportError:
             raise ValueError("Keystone credentials need openstacksdk: pip install "
                              "'mcastdeploy[keystone]'") from None
+        # Its discovery warnings would make a failure more than one line; ours says it.
+        logging.getLogger("keystoneauth").setLevel(logging.ERROR)
         try:
             loader = config.OpenStackConfig(
                 config_files=[self.clouds_yaml] if self.clouds_yaml else None,
                 load_envvars=False, load_yaml_config=self.cloud is not None)
-            return loader.get_one(cloud=self.cloud, **self.keystone).get_session()
-        except (exceptions.SDKException, KeyError, ValueError) as error:
+            cloud = loader.get_one(cloud=self.cloud, **self.keystone)
+            session = cloud.get_session()
+        except (exceptions.SDKException, keystone.ClientException, KeyError,
+                ValueError) as error:
             raise ValueError(f"Keystone settings: {error}") from None
+        options = {"region_name": cloud.get_region_name() or None,
+                   "endpoint_type": cloud.get_interface() or "public",
+                   "service_type": self.os_options.get("service_type", "object-store"),
+                   "object_storage_url": self.os_options.get("object_storage_url")}
+        verify = cloud.config.get("verify", True)
+        return KeystoneLogin(session, {key: value for key, value in options.items() if value},
+                             cloud.config.get("cacert") or self.cacert,
+                             self.insecure or verify is False)
 
 
 class SwiftRangeReader:
@@ -148,7 +177,7 @@ class SwiftRangeReader:
             self.auth.os_options.get("auth_token"))
         self._size: Optional[int] = None
         self._etag: Optional[str] = None
-        self._session: Any = None  # Keystone's, shared by the threads' connections
+        self._login: Optional[KeystoneLogin] = None  # shared by the threads' connections
 
     def describe(self) -> tuple[int, Optional[str]]:
         """Size and ETag from a HEAD. For a large object the proxy answers with the whole
@@ -190,27 +219,32 @@ class SwiftRangeReader:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             import swiftclient  # only a swift:// image pays for importing requests
-            url, token = self._storage
-            auth = self.auth
-            connection = swiftclient.Connection(
-                auth.auth_url, auth.user, auth.key, retries=0, preauthurl=url,
-                preauthtoken=token, os_options=dict(auth.os_options),
-                auth_version=auth.auth_version, cacert=auth.cacert, insecure=auth.insecure,
-                timeout=self.timeout, retry_on_ratelimit=False,
-                session=self._keystone_session())
+            auth, login = self.auth, self._keystone_login()
+            if login is not None:  # token and endpoint from the shared session, each call
+                connection = swiftclient.Connection(
+                    retries=0, session=login.session, os_options=dict(login.os_options),
+                    cacert=login.cacert, insecure=login.insecure, timeout=self.timeout,
+                    retry_on_ratelimit=False)
+            else:
+                url, token = self._storage
+                connection = swiftclient.Connection(
+                    auth.auth_url, auth.user, auth.key, retries=0, preauthurl=url,
+                    preauthtoken=token, os_options=dict(auth.os_options),
+                    auth_version=auth.auth_version, cacert=auth.cacert,
+                    insecure=auth.insecure, timeout=self.timeout, retry_on_ratelimit=False)
             self._local.connection = connection
         return connection
 
-    def _keystone_session(self) -> Any:
+    def _keystone_login(self) -> Optional[KeystoneLogin]:
         if self.auth.keystone is None:
             return None
         with self._token_lock:
-            if self._session is None:
+            if self._login is None:
                 try:
-                    self._session = self.auth.keystone_session()
+                    self._login = self.auth.keystone_login()
                 except ValueError as error:
                     raise ReadError(f"{self.name}: {error}", permanent=True) from None
-            return self._session
+            return self._login
 
     def _drop(self) -> None:
         """Forget this thread's connection: after an error it is in an unknown state."""
@@ -225,10 +259,18 @@ class SwiftRangeReader:
     def _call(self, what: str, request: Any) -> Any:
         from swiftclient import ClientException
         connection = self._connection()
+        if self._login is not None:
+            # Ask the session for the token at every call: keystoneauth renews it before it
+            # expires, once for all threads (a token kept here would run out mid-fetch).
+            connection.token = None
         try:
             result = request(connection)
         except ClientException as error:
             self._drop()
+            if error.http_status == 401 and self._login is not None:
+                self._login.session.invalidate()  # refused by Swift: log in afresh next time
+                raise ReadError(f"{self.name}: Swift refused the Keystone token (HTTP 401; "
+                                f"{what})") from None
             raise self._client_error(error, what) from None
         except Exception as error:  # requests/urllib3/socket errors: no answer at all
             self._drop()
@@ -237,7 +279,7 @@ class SwiftRangeReader:
             raise ReadError(f"{self.name}: {self._reason(error)} ({what})",
                             unreachable=_refused(error)) from None
         with self._token_lock:  # share a token obtained (or renewed) by this connection
-            if connection.url and connection.token:
+            if self._login is None and connection.url and connection.token:
                 self._storage = (connection.url, connection.token)
         return result
 

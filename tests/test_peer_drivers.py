@@ -39,8 +39,8 @@ def image(tmp_path) -> tuple[str, bytes]:
     return str(path), data
 
 
-def serve(server_class, path: str, held=None) -> BlockServer:
-    server = server_class(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=5.0)
+def serve(server_class, path: str, held=None, idle_timeout: float = 5.0) -> BlockServer:
+    server = server_class(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=idle_timeout)
     server.serve(path, GEOMETRY, held)
     return server
 
@@ -211,8 +211,7 @@ def test_a_peer_stays_for_blocks_wanted_later_over_a_renewed_connection(image, i
     serves them, never counted as failed: the worker parks before the seeder closes its
     connection, or (``idle`` longer than the seeder's timeout) asks again over a new one."""
     path, data = image
-    server = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=0.5)
-    server.serve(path, GEOMETRY, None)
+    server = serve(BlockServer, path, idle_timeout=0.5)
     half = GEOMETRY.block_count // 2
     try:
         fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
@@ -280,9 +279,7 @@ def test_a_peer_waiting_on_anothers_blocks_is_not_dropped_by_its_idle_seeder(ima
     liar is dropped those blocks come back to it, after longer than its seeder keeps an
     idle connection: it asks over a new one instead of failing."""
     path, data = image
-    honest = BlockServer(SECRET, SID, encrypt=True, host="127.0.0.1", idle_timeout=0.5)
-    honest.serve(path, GEOMETRY, None)
-    liar = serve(SlowLyingServer, path)
+    honest, liar = serve(BlockServer, path, idle_timeout=0.5), serve(SlowLyingServer, path)
     try:
         fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
                               batch=4, timeout=5.0, idle=0.3)

@@ -237,15 +237,7 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
         if interface is not None:  # the agent's interface, where it differs from the head's
             resolve_interface(interface)
             spec = spec.replace(interface=interface)
-        # The daemon's session, for the nodes' instance_info (docs/ironic.rst); made before
-        # anything is written, so that bad agent options leave no spec behind.
-        value = _ironic_value(spec, **agent_options) if ironic else None
-        if output:
-            spec.save(output)
-        if value is not None:
-            click.echo(value)
-        elif not output:
-            click.echo(spec.to_json(), nl=False)
+        _write_spec(spec, output, ironic, agent_options)  # the daemon's session
         return
     if pin_sha256 is not None or pin_qcow2:
         raise CommandError("--sha256 and --qcow2 go with --rack-head; here --image pins")
@@ -267,6 +259,14 @@ def session_new(group: Optional[str], port: Optional[int], interface: Optional[s
                        proactive_mode=proactive_repair[0] if proactive_repair else None,
                        proactive_repair=proactive_repair[1] if proactive_repair else None,
                        encrypt=encrypt, sender=sender, **pinned)
+    _write_spec(spec, output, ironic, agent_options)
+
+
+def _write_spec(spec: SessionSpec, output: Optional[str], ironic: bool,
+                agent_options: dict[str, Any]) -> None:
+    """The spec to ``output`` and/or stdout; with ``ironic`` the value for the nodes'
+    instance_info (docs/ironic.rst) on stdout, made before anything is written so that
+    bad agent options leave no spec behind."""
     value = _ironic_value(spec, **agent_options) if ironic else None
     if output:
         spec.save(output)

@@ -159,8 +159,8 @@ class SwiftRangeReader:
     """One copy of an image in Swift.
 
     swiftclient connections are not thread-safe, so each thread has its own; they share one
-    token (a login per connection would be wasted on Keystone), and a connection whose token
-    expired logs in again by itself (swiftclient retries a 401 once). swiftclient's own
+    login: with Keystone one keystoneauth session, asked for the token at every call (it
+    renews it before it expires); otherwise the token the first connection got. swiftclient's own
     retries are off: the fetch's policy decides, and sees every failure.
     """
 

@@ -75,15 +75,22 @@ def run_fetch(fetcher: PeerFetcher, data: bytes, deadline: float = 20.0) -> dict
     return {"got": got, "rejected": rejected, "exhausted": exhausted}
 
 
+def fetch_all(data: bytes, ports: list[int], secret: bytes = SECRET,
+              **options) -> tuple[PeerFetcher, dict]:
+    """Every block wanted from the peers at ``ports`` on loopback (origins 1, 2, ...): the
+    fetcher, and what happened (run_fetch)."""
+    fetcher = PeerFetcher(secret, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
+                          **options)
+    fetcher.add_peers([("127.0.0.1", port, origin) for origin, port in enumerate(ports, 1)])
+    fetcher.want(range(GEOMETRY.block_count))
+    return fetcher, run_fetch(fetcher, data)
+
+
 def test_blocks_from_two_peers_one_lying(image):
     path, data = image
     honest, liar = serve(BlockServer, path), serve(LyingServer, path)
     try:
-        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
-                              batch=4, timeout=5.0)
-        fetcher.add_peers([("127.0.0.1", honest.port, 1), ("127.0.0.1", liar.port, 2)])
-        fetcher.want(range(GEOMETRY.block_count))
-        outcome = run_fetch(fetcher, data)
+        fetcher, outcome = fetch_all(data, [honest.port, liar.port], batch=4, timeout=5.0)
     finally:
         honest.close()
         liar.close()
@@ -102,11 +109,7 @@ def test_no_usable_peer_is_reported_not_waited_for(image):
     gone_port = gone.port
     gone.close()  # nobody listens there any more
     try:
-        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
-                              timeout=2.0)
-        fetcher.add_peers([("127.0.0.1", empty.port, 1), ("127.0.0.1", gone_port, 2)])
-        fetcher.want(range(GEOMETRY.block_count))
-        outcome = run_fetch(fetcher, data)
+        _, outcome = fetch_all(data, [empty.port, gone_port], timeout=2.0)
     finally:
         empty.close()
     assert outcome["got"] == {}
@@ -117,11 +120,7 @@ def test_wrong_key_gets_nothing(image):
     path, data = image
     server = serve(BlockServer, path)
     try:
-        fetcher = PeerFetcher(bytes(32), SID, encrypt=True, geometry=GEOMETRY,
-                              wake=lambda: None, timeout=2.0)
-        fetcher.add_peers([("127.0.0.1", server.port, 1)])
-        fetcher.want(range(GEOMETRY.block_count))
-        outcome = run_fetch(fetcher, data)
+        _, outcome = fetch_all(data, [server.port], secret=bytes(32), timeout=2.0)
     finally:
         server.close()
     assert outcome["got"] == {} and outcome["exhausted"] == (1,)
@@ -281,11 +280,8 @@ def test_a_peer_waiting_on_anothers_blocks_is_not_dropped_by_its_idle_seeder(ima
     path, data = image
     honest, liar = serve(BlockServer, path, idle_timeout=0.5), serve(SlowLyingServer, path)
     try:
-        fetcher = PeerFetcher(SECRET, SID, encrypt=True, geometry=GEOMETRY, wake=lambda: None,
-                              batch=4, timeout=5.0, idle=0.3)
-        fetcher.add_peers([("127.0.0.1", honest.port, 1), ("127.0.0.1", liar.port, 2)])
-        fetcher.want(range(GEOMETRY.block_count))
-        outcome = run_fetch(fetcher, data)
+        fetcher, outcome = fetch_all(data, [honest.port, liar.port], batch=4, timeout=5.0,
+                                     idle=0.3)
     finally:
         honest.close()
         liar.close()

@@ -347,7 +347,9 @@ def test_blocks_from_peers_are_checked_against_the_manifest() -> None:
     decoded = drain(late)
     assert [(e.block, bytes(e.data)) for e in decoded] == [(1, session.block(1))]
     assert late.offer_block(1, session.block(1), 1.3) is None  # already done
-    assert late.stats.peer_blocks_rejected == 2 and late.stats.blocks_from_peers == 1
+    assert late.stats.peer_blocks_rejected == 2
+    assert late.stats.blocks_from == {UnicastServer.PEER: 1, UnicastServer.SOURCE: 0,
+                                      UnicastServer.ORIGIN: 0}
     # Who served each block is counted, and the receiver's reports tell the sender.
     late.offer_block(0, session.block(0), 1.4, UnicastServer.ORIGIN)
     late.offer_block(2, session.block(2), 1.4, UnicastServer.SOURCE)
@@ -355,8 +357,8 @@ def test_blocks_from_peers_are_checked_against_the_manifest() -> None:
         late.offer_block(block, session.block(block), 1.4)
     assert any(isinstance(e, events.AllBlocksDecoded) for e in drain(late))
     stats = late.stats
-    assert (stats.blocks_from_peers, stats.blocks_from_source, stats.blocks_from_origin) == (
-        BLOCKS - 2, 1, 1)
+    assert stats.blocks_from == {UnicastServer.PEER: BLOCKS - 2, UnicastServer.SOURCE: 1,
+                                 UnicastServer.ORIGIN: 1}
     late.image_verified(hashlib.sha256(session.image).digest(), 1.5)
     session.deliver(late, ("10.0.0.30", 5000), 1.5)
     record = next(r for r in session.sender.receivers.values()

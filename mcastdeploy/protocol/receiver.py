@@ -13,7 +13,7 @@ import enum
 import ipaddress
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -145,9 +145,10 @@ class ReceiverStats:
     blocks_zero: int = 0  # all-zero blocks, zeroed by the driver instead of received
     partials_dropped: int = 0  # incomplete blocks forgotten to stay within partial_budget
     manifest_requests: int = 0
-    blocks_from_peers: int = 0  # verified blocks finished peers served
-    blocks_from_source: int = 0  # ... the sender's own block server served (last resort)
-    blocks_from_origin: int = 0  # ... the image's origin (HTTP/Swift) served by ranged GET
+    #: Verified blocks each unicast server (peers, the sender's block server, the origin)
+    #: served.
+    blocks_from: dict[UnicastServer, int] = field(
+        default_factory=lambda: dict.fromkeys(UnicastServer, 0))
     peer_blocks_rejected: int = 0  # blocks from a peer that did not match the manifest
     peer_requests: int = 0
 
@@ -466,9 +467,9 @@ class Receiver:
             nacks_sent=self.stats.nacks_sent,
             node_id=self.config.node_id,
             seed_port=self._seed_port,
-            blocks_from_peers=self.stats.blocks_from_peers,
-            blocks_from_source=self.stats.blocks_from_source,
-            blocks_from_origin=self.stats.blocks_from_origin,
+            blocks_from_peers=self.stats.blocks_from[UnicastServer.PEER],
+            blocks_from_source=self.stats.blocks_from[UnicastServer.SOURCE],
+            blocks_from_origin=self.stats.blocks_from[UnicastServer.ORIGIN],
             blocks_in_place=self.stats.blocks_kept + self.stats.blocks_zero,
             **self._echo_fields(now),
         ), wire.Flags.REPLY if silent else wire.Flags.NONE)
@@ -920,12 +921,7 @@ class Receiver:
             self.stats.peer_blocks_rejected += 1
             return False
         self._mark_done(block)
-        if served_by is UnicastServer.ORIGIN:
-            self.stats.blocks_from_origin += 1
-        elif served_by is UnicastServer.SOURCE:
-            self.stats.blocks_from_source += 1
-        else:
-            self.stats.blocks_from_peers += 1
+        self.stats.blocks_from[served_by] += 1
         self._events.append(events.BlockDecoded(block, geometry.offset(block),
                                                 memoryview(data)))
         self._after_block(now)
